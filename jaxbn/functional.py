@@ -1,0 +1,433 @@
+"""The functional core of jaxbn: batch statistics and Batch Normalization.
+
+Imports jax only. Everything else in jaxbn (the Linen and NNX modules, the
+helpers, the training library) calls these functions for the math.
+
+Batch Normalization (Ioffe & Szegedy 2015, Algorithm 1), per feature, over the
+m valid elements of the (possibly cross-replica) batch:
+
+    mu   = (1/m) Σ x_i
+    var  = (1/m) Σ (x_i - mu)^2
+    y_i  = gamma * (x_i - mu) / sqrt(var + eps) + beta
+
+Statistics are exact for any split of the global batch over replicas: every
+replica contributes its (count, mean, M2) and they are combined with Chan's
+parallel formula, so unequal or empty replicas weigh exactly what they hold.
+Within a replica the sums are shifted by one sample of the feature, which keeps
+the single pass over x accurate when |mean| / std is large.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Hashable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["Moments", "moments", "batch_norm", "feature_axes"]
+
+AxisName = Hashable | tuple[Hashable, ...]
+
+
+class Moments(NamedTuple):
+  """Exact per-feature statistics of a (possibly cross-replica) batch.
+
+  count: number of valid elements per feature (float).
+  mean:  mean of the valid elements.
+  var:   biased variance (divided by count) of the valid elements.
+  """
+
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+
+
+# --------------------------------------------------------------------------
+# Argument checks: each names the argument and what was expected.
+
+
+def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
+  """Sorted, non-negative feature axes; `ValueError` if one is out of range."""
+  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  if not axes:
+    raise ValueError("axis: expected at least one feature axis, got ().")
+  out = []
+  for a in axes:
+    if not isinstance(a, numbers.Integral):
+      raise TypeError(f"axis: expected int or a sequence of ints, got {axis!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"axis: feature axis {a} is out of range for input of rank {ndim} "
+          f"(expected -{ndim} <= axis < {ndim})."
+      )
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"axis: repeated feature axis in {axis!r}.")
+  return tuple(sorted(out))
+
+
+def _check_input(x) -> jax.Array:
+  if not hasattr(x, "dtype"):
+    x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"x: expected a floating-point array (float32, bfloat16, float16 or "
+        f"float64), got dtype {x.dtype}. Cast integer inputs first, e.g. "
+        f"x.astype(jnp.float32)."
+    )
+  if x.ndim < 1:
+    raise ValueError("x: expected an array with at least one dimension, got a scalar.")
+  return x
+
+
+def _check_mask(mask, shape) -> jax.Array | None:
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"mask: expected a boolean array, got dtype {mask.dtype}.")
+  try:
+    out_shape = jnp.broadcast_shapes(mask.shape, shape)
+  except ValueError:
+    out_shape = None
+  if out_shape != tuple(shape):
+    raise ValueError(
+        f"mask: shape {mask.shape} does not broadcast to the input shape {tuple(shape)}."
+    )
+  return mask
+
+
+def _check_feature_array(value, name: str, fshape) -> jax.Array:
+  value = jnp.asarray(value)
+  if value.shape != tuple(fshape):
+    raise ValueError(
+        f"{name}: expected shape {tuple(fshape)} (the size of the feature axes), "
+        f"got {value.shape}."
+    )
+  return value
+
+
+def _check_hyperparameters(momentum, epsilon) -> None:
+  # Traced values cannot be checked here; concrete ones are checked loudly.
+  if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
+    raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}.")
+  if not isinstance(epsilon, numbers.Real):
+    raise TypeError(f"epsilon: expected a Python float, got {type(epsilon).__name__}.")
+  if epsilon < 0:
+    raise ValueError(f"epsilon: expected a non-negative value, got {epsilon}.")
+
+
+def _axis_names(axis_name) -> tuple:
+  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _check_axis_name(axis_name) -> None:
+  """Fails with a clear message when no transform binds `axis_name`."""
+  for name in _axis_names(axis_name):
+    try:
+      lax.axis_size(name)
+    except NameError:
+      raise ValueError(
+          f"axis_name: {name!r} is not bound by any enclosing transform. Synced "
+          f"batch statistics need a named axis: call inside jax.pmap(..., "
+          f"axis_name={name!r}), jax.vmap(..., axis_name={name!r}) or "
+          f"jax.shard_map over a mesh with an axis named {name!r}; or pass "
+          f"axis_name=None for per-device statistics."
+      ) from None
+
+
+def _is_manual(axis_name) -> bool:
+  """True under shard_map and pmap (manual mesh axes); False under vmap."""
+  manual = jax.sharding.get_abstract_mesh().manual_axes
+  return all(name in manual for name in _axis_names(axis_name))
+
+
+def _vary_like(value: jax.Array, like: jax.Array) -> jax.Array:
+  """Marks `value` as varying over the manual axes `like` varies over.
+
+  Inside shard_map a replicated parameter meets per-device activations; doing
+  this before the custom VJP lets JAX's own transpose of the cast sum the
+  per-device parameter gradients, exactly as plain autodiff would.
+  """
+  varying = getattr(jax.typeof(like).manual_axis_type, "varying", frozenset())
+  missing = tuple(a for a in varying if a not in getattr(
+      jax.typeof(value).manual_axis_type, "varying", frozenset()))
+  return lax.pcast(value, missing, to="varying") if missing else value
+
+
+# --------------------------------------------------------------------------
+# Statistics.
+
+
+def _stat_dtype(dtype) -> jnp.dtype:
+  # Reduce in float32 at least; float64 input keeps float64.
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _expand(v: jax.Array, ndim: int, faxes: tuple[int, ...]) -> jax.Array:
+  """Per-feature array of shape feature_shape -> broadcastable against x."""
+  return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in faxes))
+
+
+def _local_moments(x, mask, faxes):
+  """(count, mean, M2) of this replica's valid elements, in one pass over x."""
+  raxes = tuple(a for a in range(x.ndim) if a not in faxes)
+  dtype = _stat_dtype(x.dtype)
+  xs = x.astype(dtype)
+  # Shift by the first sample of each feature: sums of (x - shift) do not
+  # cancel catastrophically when |mean| >> std (one pass, no E[x²]-E[x]²).
+  first = lax.stop_gradient(xs[tuple(0 if a in raxes else slice(None) for a in range(x.ndim))])
+  if mask is None:
+    count = jnp.full(first.shape, math.prod(x.shape[a] for a in raxes), dtype)
+    d = xs - _expand(first, x.ndim, faxes)
+  else:
+    m = jnp.broadcast_to(mask, x.shape)
+    first_valid = m[tuple(0 if a in raxes else slice(None) for a in range(x.ndim))]
+    first = jnp.where(first_valid, first, 0)
+    count = jnp.sum(m, raxes, dtype=dtype)
+    d = jnp.where(m, xs - _expand(first, x.ndim, faxes), 0)
+  s1 = jnp.sum(d, raxes)
+  s2 = jnp.sum(d * d, raxes)
+  safe = jnp.maximum(count, 1)
+  mean = first + s1 / safe
+  m2 = jnp.maximum(s2 - s1 * (s1 / safe), 0)
+  return count, mean, m2
+
+
+def _combine(count, mean, m2):
+  """Chan et al.'s pairwise formula over the leading (replica) axis."""
+  total = jnp.sum(count, 0)
+  safe = jnp.maximum(total, 1)
+  global_mean = jnp.sum(count * mean, 0) / safe
+  global_m2 = jnp.sum(m2, 0) + jnp.sum(count * jnp.square(mean - global_mean), 0)
+  return total, global_mean, global_m2
+
+
+def _moments(x, mask, faxes, axis_name, axis_index_groups) -> Moments:
+  count, mean, m2 = _local_moments(x, mask, faxes)
+  if axis_name is not None:
+    # One collective: every replica's (count, mean, M2), combined exactly.
+    to = "invarying" if _is_manual(axis_name) else "varying"
+    gathered = lax.all_gather(
+        jnp.stack([count, mean, m2]), axis_name,
+        axis_index_groups=axis_index_groups, to=to)
+    count, mean, m2 = _combine(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+  var = m2 / jnp.maximum(count, 1)
+  mean = jnp.where(count > 0, mean, 0)
+  return Moments(count, mean, var)
+
+
+def _canonical_groups(axis_index_groups):
+  if axis_index_groups is None:
+    return None
+  return tuple(tuple(int(i) for i in group) for group in axis_index_groups)
+
+
+def moments(
+    x,
+    axis: int | Sequence[int] = -1,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask=None,
+) -> Moments:
+  """Exact per-feature count, mean and biased variance of a batch.
+
+  Args:
+    x: floating-point array.
+    axis: feature axis or axes; every other axis is reduced.
+    axis_name: None for this device's batch, or a name (tuple of names) bound
+      by pmap / shard_map / vmap for the whole cross-replica batch.
+    axis_index_groups: reduce only within these replica groups.
+    mask: boolean array broadcastable to x; False elements are not counted.
+
+  Returns:
+    `Moments(count, mean, var)`, each of the feature shape, in float32
+    (float64 for float64 input). An empty batch gives count 0, mean 0, var 0.
+  """
+  x = _check_input(x)
+  faxes = feature_axes(x.ndim, axis)
+  mask = _check_mask(mask, x.shape)
+  if axis_name is not None:
+    _check_axis_name(axis_name)
+  return _moments(x, mask, faxes, axis_name, _canonical_groups(axis_index_groups))
+
+
+# --------------------------------------------------------------------------
+# Training-mode normalization with the paper's backward pass.
+
+
+def _normalize(x, mean, inv, scale, bias, faxes, out_dtype):
+  """y = (x - mean) * (scale * inv) + bias, computed in the statistics dtype."""
+  dtype = _stat_dtype(x.dtype)
+  e = lambda v: _expand(v.astype(dtype), x.ndim, faxes)
+  y = (x.astype(dtype) - e(mean)) * e(scale * inv) + e(bias)
+  return y.astype(out_dtype)
+
+
+def _train_forward(cfg, x, scale, bias, mask):
+  faxes, epsilon, axis_name, groups, out_dtype = cfg
+  stats = _moments(x, mask, faxes, axis_name, groups)
+  inv = lax.rsqrt(stats.var + epsilon)
+  y = _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype)
+  return (y, stats), (x, scale, mask, stats.count, stats.mean, inv)
+
+
+def _train_backward(cfg, residuals, cotangents):
+  """Paper §3: dx = gamma/(m sigma) (m g - Σg - xhat Σ(g xhat)).
+
+  The sums run over every element (a masked-out output still depends on the
+  statistics); the correction applies to the m valid elements only. Both sums
+  cross replicas in one psum. The returned statistics carry no gradient (the
+  caller stops it), so their cotangents are zero and ignored.
+  """
+  faxes, _, axis_name, groups, _ = cfg
+  x, scale, mask, count, mean, inv = residuals
+  g = cotangents[0]
+  dtype = _stat_dtype(x.dtype)
+  raxes = tuple(a for a in range(x.ndim) if a not in faxes)
+  e = lambda v: _expand(v, x.ndim, faxes)
+  gf = g.astype(dtype)
+  xhat = (x.astype(dtype) - e(mean)) * e(inv)
+  local = jnp.stack([jnp.sum(gf, raxes), jnp.sum(gf * xhat, raxes)])
+  total = local if axis_name is None else lax.psum(local, axis_name, axis_index_groups=groups)
+  sum_g, sum_gxhat = total[0], total[1]
+  a = scale.astype(dtype) * inv
+  safe = jnp.maximum(count, 1)
+  c0 = -a * sum_g / safe
+  c1 = -a * sum_gxhat / safe
+  correction = e(c0) + e(c1) * xhat
+  if mask is not None:
+    correction = jnp.where(mask, correction, 0)
+  dx = (e(a) * gf + correction).astype(x.dtype)
+  # Parameter gradients are this replica's share, as autodiff would give them.
+  dscale = local[1].astype(scale.dtype)
+  dbias = local[0].astype(scale.dtype)
+  return dx, dscale, dbias, None
+
+
+def _train_forward_primal(cfg, x, scale, bias, mask):
+  return _train_forward(cfg, x, scale, bias, mask)[0]
+
+
+_train = jax.custom_vjp(_train_forward_primal, nondiff_argnums=(0,))
+_train.defvjp(_train_forward, _train_backward)
+
+
+# --------------------------------------------------------------------------
+# The public function.
+
+
+def batch_norm(
+    x,
+    params: dict[str, Any] | None,
+    stats: dict[str, Any],
+    *,
+    training: bool,
+    axis: int | Sequence[int] = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask=None,
+    unbiased: bool = False,
+    skip_nonfinite: bool = True,
+    dtype=None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Batch Normalization as a pure function: returns `(y, new_stats)`.
+
+  Training (`training=True`), per feature over the valid elements of the
+  batch (of every replica on `axis_name`):
+
+      y = scale * (x - mu_B) / sqrt(var_B + epsilon) + bias
+      new_stats["mean"] = momentum * stats["mean"] + (1 - momentum) * mu_B
+      new_stats["var"]  = momentum * stats["var"]  + (1 - momentum) * v_B
+
+  where v_B = var_B, or n/(n-1) * var_B with `unbiased=True` (n the number of
+  valid elements). The gradient is the paper's closed form (§3) as a custom
+  VJP, with one collective forward and one backward when synced.
+
+  Inference (`training=False`): y = scale * (x - mean) / sqrt(var + epsilon)
+  + bias with the running `stats`, which are returned unchanged.
+
+  Args:
+    x: floating-point input (float32, bfloat16, float16, float64).
+    params: {"scale": feature_shape, "bias": feature_shape}; a missing key (or
+      None for params) means scale 1 / bias 0.
+    stats: {"mean": feature_shape, "var": feature_shape} running statistics.
+    training: use batch statistics and update `stats` (True) or use `stats`.
+    axis: feature axis or axes (as in flax.linen.BatchNorm).
+    momentum: running-average decay, in [0, 1] (Flax/Keras meaning).
+    epsilon: added to the variance, >= 0.
+    axis_name: None for per-device statistics; a name (tuple of names) bound
+      by pmap / shard_map / vmap for statistics of the cross-replica batch.
+    axis_index_groups: sync only within these replica groups.
+    mask: boolean, broadcastable to x: the elements that count. Every element
+      is normalized; only valid ones enter the statistics.
+    unbiased: update the running variance with n/(n-1) * var_B (Algorithm 2,
+      PyTorch) instead of var_B.
+    skip_nonfinite: keep a feature's running statistics unchanged when its
+      batch statistics are not finite (NaN/inf in the batch) or it had no
+      valid element, instead of writing NaN into them. The output still shows
+      the non-finite values.
+    dtype: output dtype; None keeps x.dtype.
+
+  Returns:
+    `(y, new_stats)`; running statistics carry no gradient.
+  """
+  x = _check_input(x)
+  faxes = feature_axes(x.ndim, axis)
+  fshape = tuple(x.shape[a] for a in faxes)
+  _check_hyperparameters(momentum, epsilon)
+  if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
+    raise ValueError(
+        f"stats: expected a dict with keys 'mean' and 'var', got "
+        f"{sorted(stats) if isinstance(stats, dict) else type(stats).__name__}.")
+  params = {} if params is None else params
+  unknown = set(params) - {"scale", "bias"}
+  if unknown:
+    raise ValueError(f"params: unexpected keys {sorted(unknown)}; expected 'scale' and/or 'bias'.")
+  stat_dtype = _stat_dtype(x.dtype)
+  running_mean = _check_feature_array(stats["mean"], 'stats["mean"]', fshape)
+  running_var = _check_feature_array(stats["var"], 'stats["var"]', fshape)
+  param_dtype = jnp.result_type(*params.values()) if params else stat_dtype
+  scale = (_check_feature_array(params["scale"], 'params["scale"]', fshape)
+           if "scale" in params else jnp.ones(fshape, param_dtype))
+  bias = (_check_feature_array(params["bias"], 'params["bias"]', fshape)
+          if "bias" in params else jnp.zeros(fshape, param_dtype))
+  mask = _check_mask(mask, x.shape)
+  out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+
+  if not training:
+    inv = lax.rsqrt(running_var.astype(stat_dtype) + epsilon)
+    y = _normalize(x, running_mean, inv, scale.astype(stat_dtype), bias, faxes, out_dtype)
+    return y, stats
+
+  if axis_name is None:
+    per_feature = math.prod(x.shape[a] for a in range(x.ndim) if a not in faxes)
+    if per_feature < 2 and mask is None:
+      raise ValueError(
+          f"x: training needs more than one value per feature to compute batch "
+          f"statistics, got input shape {x.shape} with feature axes {faxes}. Use "
+          f"a larger batch, sync over replicas with axis_name, or training=False.")
+  else:
+    _check_axis_name(axis_name)
+  scale, bias = _vary_like(scale, x), _vary_like(bias, x)
+  cfg = (faxes, float(epsilon), axis_name, _canonical_groups(axis_index_groups), out_dtype)
+  y, batch = _train(cfg, x, scale, bias, mask)
+  batch = jax.tree.map(lax.stop_gradient, batch)
+
+  batch_var = batch.var
+  if unbiased:
+    batch_var = batch_var * batch.count / jnp.maximum(batch.count - 1, 1)
+  new_mean = momentum * running_mean + (1 - momentum) * batch.mean
+  new_var = momentum * running_var + (1 - momentum) * batch_var
+  if skip_nonfinite:
+    ok = (batch.count > 0) & jnp.isfinite(batch.mean) & jnp.isfinite(batch_var)
+    new_mean = jnp.where(ok, new_mean, running_mean)
+    new_var = jnp.where(ok, new_var, running_var)
+  new_stats = {"mean": new_mean.astype(running_mean.dtype),
+               "var": new_var.astype(running_var.dtype)}
+  return y, new_stats

@@ -1,0 +1,103 @@
+"""`jaxbn.BatchNorm`: a drop-in replacement for `flax.linen.BatchNorm`.
+
+Same fields, defaults, call signature, variable names, shapes and dtypes as
+flax's module; the math is `jaxbn.batch_norm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import dtypes, initializers
+
+from jaxbn import functional
+
+Array = jax.Array
+
+
+class BatchNorm(nn.Module):
+  """Batch Normalization (Ioffe & Szegedy 2015) with exact synced statistics.
+
+  y = scale * (x - mean) / sqrt(var + epsilon) + bias, per feature, with the
+  batch's statistics in training (`use_running_average=False`) and the running
+  ones in `batch_stats` otherwise. Training updates
+
+      mean <- momentum * mean + (1 - momentum) * batch_mean
+
+  (and likewise `var`), except during `init`. With `axis_name`, statistics
+  are those of the whole cross-replica batch (exact for unequal or masked
+  replicas). See `jaxbn.batch_norm` for the full semantics.
+
+  Attributes: as `flax.linen.BatchNorm`, plus
+    unbiased: update the running variance with n/(n-1) * batch variance.
+    skip_nonfinite: keep the running statistics of a feature whose batch
+      statistics are not finite.
+  `use_fast_variance` and `force_float32_reductions` are accepted so that
+  configurations written for flax load unchanged; jaxbn always reduces in
+  (at least) float32 with its stable single pass.
+  """
+
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  unbiased: bool = False
+  skip_nonfinite: bool = True
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
+    """Normalizes `x`; see the class docstring.
+
+    Args:
+      x: the input.
+      use_running_average: overrides the field of the same name.
+      mask: boolean, broadcastable to x: the elements that enter the statistics.
+    """
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    x = functional._check_input(x)
+    faxes = functional.feature_axes(x.ndim, self.axis)
+    fshape = tuple(x.shape[a] for a in faxes)
+
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, fshape, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, fshape, jnp.float32)
+    params = {}
+    if self.use_scale:
+      params["scale"] = self.param("scale", self.scale_init, fshape, self.param_dtype)
+    if self.use_bias:
+      params["bias"] = self.param("bias", self.bias_init, fshape, self.param_dtype)
+    # flax's output dtype: the promotion of the input and the parameters used.
+    out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
+
+    initializing = self.is_initializing()
+    y, new_stats = functional.batch_norm(
+        x, params, {"mean": ra_mean.value, "var": ra_var.value},
+        training=not use_running_average,
+        axis=faxes,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        # As in flax, init needs no bound axis and leaves the statistics alone.
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        unbiased=self.unbiased,
+        skip_nonfinite=self.skip_nonfinite,
+        dtype=out_dtype,
+    )
+    if not use_running_average and not initializing:
+      ra_mean.value = new_stats["mean"]
+      ra_var.value = new_stats["var"]
+    return y
