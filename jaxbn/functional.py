@@ -206,14 +206,33 @@ def _combine(count, mean, m2):
   return total, global_mean, global_m2
 
 
+def _gather_replicas(value, axis_name, axis_index_groups):
+  """Every replica's `value` (of its group), stacked on a new leading axis.
+
+  One collective. all_gather cannot take uneven groups, so with groups each
+  replica writes its value into its own slot of a zero array and the slots
+  are summed (adding zeros is exact).
+  """
+  if axis_index_groups is None:
+    to = "invarying" if _is_manual(axis_name) else "varying"
+    return lax.all_gather(value, axis_name, to=to)
+  slot = [0] * sum(len(g) for g in axis_index_groups)
+  for group in axis_index_groups:
+    for position, replica in enumerate(group):
+      slot[replica] = position
+  size = max(len(g) for g in axis_index_groups)
+  own = jnp.asarray(slot)[lax.axis_index(axis_name)]
+  onehot = (jnp.arange(size) == own).astype(value.dtype)
+  slots = onehot.reshape((size,) + (1,) * value.ndim) * value
+  return lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
+
+
 def _moments(x, mask, faxes, axis_name, axis_index_groups) -> Moments:
   count, mean, m2 = _local_moments(x, mask, faxes)
   if axis_name is not None:
-    # One collective: every replica's (count, mean, M2), combined exactly.
-    to = "invarying" if _is_manual(axis_name) else "varying"
-    gathered = lax.all_gather(
-        jnp.stack([count, mean, m2]), axis_name,
-        axis_index_groups=axis_index_groups, to=to)
+    # Every replica's (count, mean, M2), combined exactly. Empty slots of a
+    # smaller group have count 0 and weigh nothing.
+    gathered = _gather_replicas(jnp.stack([count, mean, m2]), axis_name, axis_index_groups)
     count, mean, m2 = _combine(gathered[:, 0], gathered[:, 1], gathered[:, 2])
   var = m2 / jnp.maximum(count, 1)
   mean = jnp.where(count > 0, mean, 0)
