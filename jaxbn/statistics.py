@@ -75,8 +75,6 @@ def population_stats(
     model: nn.Module,
     variables: Mapping[str, Any],
     batches: Iterable[Any],
-    *,
-    axis_name=None,
     **apply_kwargs,
 ) -> dict:
   """Population statistics of every BN layer (paper, Algorithm 2).
@@ -88,15 +86,16 @@ def population_stats(
       mean = mean over batches of mu_B
       var  = mean over batches of m/(m-1) * var_B     (m: batch count)
 
+  Each batch's statistics are its own: layers that sync over an `axis_name`
+  are run unsynced here, so no transform needs to bind it.
+
   Args:
     model: a Linen model containing BN layers.
     variables: its variables ('params' and 'batch_stats', ...).
     batches: an iterable of model inputs; a tuple is passed as positional
       arguments, anything else as the single argument.
-    axis_name: the axis name the model's BN layers sync over, if any; it is
-      bound here over one replica, so each batch's statistics are its own.
     **apply_kwargs: passed to `model.apply` (e.g. `train=False` to switch off
-      dropout; BN layers are forced to batch statistics regardless).
+      dropout; BN layers use batch statistics regardless).
 
   Returns:
     The new 'batch_stats' collection (same structure as the input's).
@@ -104,28 +103,30 @@ def population_stats(
   def batch_moments(variables, batch):
     """{layer path: Moments of that layer's input} for one batch."""
     recorded = {}
+    replacing = []  # non-empty while a replacement layer runs (not intercepted)
 
     def intercept(next_fun, args, kwargs, context):
       module = context.module
-      if not (isinstance(module, (BatchNorm, nn.BatchNorm)) and context.method_name == "__call__"):
+      if (replacing or context.method_name != "__call__"
+          or not isinstance(module, (BatchNorm, nn.BatchNorm))):
         return next_fun(*args, **kwargs)
-      x = args[0]
-      recorded[module.scope.path] = functional.moments(x, axis=module.axis, mask=kwargs.get("mask"))
-      return next_fun(x, **dict(kwargs, use_running_average=False))
+      x, mask = args[0], kwargs.get("mask")
+      recorded[module.scope.path] = functional.moments(x, axis=module.axis, mask=mask)
+      # The layer as the training network runs it, on its own variables.
+      training = module.clone(parent=None, use_running_average=False, axis_name=None)
+      replacing.append(module)
+      try:
+        y, _ = training.apply(module.variables, x, mask=mask, mutable=["batch_stats"])
+      finally:
+        replacing.pop()
+      return y
 
     args = batch if isinstance(batch, tuple) else (batch,)
     with nn.intercept_methods(intercept):
       model.apply(variables, *args, mutable=["batch_stats"], **apply_kwargs)
     return recorded
 
-  step = batch_moments
-  if axis_name is not None:
-    step = lambda v, b: jax.tree.map(
-        lambda t: t[0],
-        jax.vmap(batch_moments, in_axes=(None, 0), axis_name=axis_name)(
-            v, jax.tree.map(lambda t: t[None], b)))
-  step = jax.jit(step)
-
+  step = jax.jit(batch_moments)
   sums, num_batches = None, 0
   for batch in batches:
     moments = step(variables, batch)
