@@ -1,0 +1,11 @@
+"""The paper's models, with the normalization layer injected.
+
+`norm` is a callable that makes a BN layer, e.g.
+`functools.partial(jaxbn.BatchNorm, momentum=0.9, axis_name="batch")`, or None
+for no normalization. Models take `train` and return `(logits, extras)`.
+"""
+
+from jaxbn.models.inception import InceptionNet
+from jaxbn.models.mlp import MLP
+
+__all__ = ["MLP", "InceptionNet"]
