@@ -1,0 +1,119 @@
+"""IDX parsing, the TFDS builders and the download path (local server only)."""
+
+import gzip
+import hashlib
+import http.server
+import threading
+
+import numpy as np
+import pytest
+
+from jaxbn import data
+from tests.idx_files import STEMS, idx_bytes, make_dataset, write_dataset
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_round_trip(tmp_path, gz):
+  array = np.random.default_rng(0).integers(0, 256, (7, 28, 28)).astype(np.uint8)
+  raw = idx_bytes(array)
+  path = tmp_path / ("a.gz" if gz else "a")
+  path.write_bytes(gzip.compress(raw) if gz else raw)
+  np.testing.assert_array_equal(data.read_idx(path), array)
+
+
+def test_read_idx_other_element_types(tmp_path):
+  values = np.arange(6, dtype=">i4").reshape(2, 3)
+  (tmp_path / "ints").write_bytes(bytes([0, 0, 0x0C, 2]) + np.array([2, 3], ">u4").tobytes() + values.tobytes())
+  out = data.read_idx(tmp_path / "ints")
+  np.testing.assert_array_equal(out, [[0, 1, 2], [3, 4, 5]])
+  assert out.dtype == np.int32
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+  (tmp_path / "magic").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+  with pytest.raises(ValueError, match="not an IDX file"):
+    data.read_idx(tmp_path / "magic")
+  (tmp_path / "short").write_bytes(idx_bytes(np.zeros((4, 3), np.uint8))[:-2])
+  with pytest.raises(ValueError, match=r"IDX header says shape \(4, 3\)"):
+    data.read_idx(tmp_path / "short")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_builder_from_idx_dir(tmp_path, gz):
+  generated = make_dataset(n_train=50, n_test=20)
+  idx_dir = write_dataset(tmp_path / "idx", generated, gz=gz)
+  ds = data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(idx_dir))
+  assert ds.train_images.shape == (50, 28, 28) and ds.test_labels.shape == (20,)
+  assert ds.num_classes == 10
+  # Same examples (TFDS stores them in its own order): compare as sorted sets.
+  for images, labels, (want_images, want_labels) in (
+      (ds.train_images, ds.train_labels, generated["train"]),
+      (ds.test_images, ds.test_labels, generated["test"])):
+    got = sorted(zip(labels.tolist(), [im.tobytes() for im in images]))
+    want = sorted(zip(want_labels.tolist(), [im.tobytes() for im in want_images]))
+    assert got == want
+  # Prepared data is reused: the IDX files are no longer needed.
+  for f in idx_dir.iterdir():
+    f.unlink()
+  again = data.load("mnist", data_dir=str(tmp_path / "tfds"))
+  np.testing.assert_array_equal(np.sort(again.train_labels), np.sort(ds.train_labels))
+
+
+class _Server:
+  """Serves a directory on 127.0.0.1, counting requests."""
+
+  def __init__(self, directory):
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)
+    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  def log_message(self, *args):
+    pass
+
+
+def _checksums(directory):
+  return {stem + ".gz": hashlib.sha256((directory / (stem + ".gz")).read_bytes()).hexdigest()
+          for pair in STEMS.values() for stem in pair}
+
+
+def test_download_path_with_checksums(tmp_path):
+  generated = make_dataset(n_train=40, n_test=10, seed=3)
+  served = write_dataset(tmp_path / "served", generated)
+  with _Server(served) as server:
+    ds = data.load("mnist", data_dir=str(tmp_path / "tfds"), url_base=server.url, sha256=_checksums(served))
+  assert sorted(ds.train_labels.tolist()) == sorted(generated["train"][1].tolist())
+
+
+def test_download_rejects_wrong_checksum(tmp_path):
+  served = write_dataset(tmp_path / "served", make_dataset(n_train=20, n_test=10))
+  wrong = {k: "0" * 64 for k in _checksums(served)}
+  with _Server(served) as server, pytest.raises(ValueError, match="SHA-256 .* does not match"):
+    data.load("mnist", data_dir=str(tmp_path / "tfds"), url_base=server.url, sha256=wrong)
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+  with _Server(tmp_path) as server:  # serves nothing: every file is a 404
+    with pytest.raises(data.DatasetNotFoundError, match="--idx-dir DIR"):
+      data.load("mnist", data_dir=str(tmp_path / "tfds"), url_base=server.url)
+
+
+def test_idx_dir_missing_files(tmp_path):
+  (tmp_path / "idx").mkdir()
+  with pytest.raises(data.DatasetNotFoundError, match="idx_dir: .* lacks the IDX files"):
+    data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(tmp_path / "idx"))
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="dataset: expected one of"):
+    data.load("cifar10")

@@ -1,0 +1,201 @@
+"""The training library: one pmapped step per BN mode, exact resume, several hosts."""
+
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxbn import training
+from tests.idx_files import make_dataset, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES, PER_DEVICE = 8, 4
+
+
+def _step_inputs(bn):
+  config = training.Config(model="mlp", bn=bn, lr=0.3, batch_size=PER_DEVICE, init_std=0.3)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (DEVICES, PER_DEVICE, 28, 28)).astype(np.uint8)
+  labels = rng.integers(0, 10, (DEVICES, PER_DEVICE)).astype(np.int32)
+  state = training.create_train_state(config, training.make_model(config), (28, 28))
+  return config, state, images, labels
+
+
+def _pmapped_step(config, state, images, labels):
+  model, optimizer = training.make_model(config), training.make_optimizer(config)
+  step = jax.pmap(functools.partial(training.train_step, model=model, optimizer=optimizer,
+                                    dropout_key=jax.random.key(0)), axis_name=training.AXIS)
+  replicated = jax.tree.map(lambda a: np.broadcast_to(a, (DEVICES, *np.shape(a))), state)
+  return step(replicated, images, labels)
+
+
+def _single_device_step(config, state, images, labels):
+  """The oracle: the same model unsynced on one device, plain optax."""
+  model = training.make_model(config, synced=False)
+
+  def loss_fn(params):
+    (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                       images.astype(jnp.float32) / 255, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return loss, grads, updates.get("batch_stats", {})
+
+
+def _sgd(params, grads, lr):
+  return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+
+@pytest.mark.parametrize("bn", ["sync", "none"])
+def test_synced_and_no_bn_step_equal_one_device_on_the_global_batch(bn):
+  assert jax.device_count() == DEVICES
+  config, state, images, labels = _step_inputs(bn)
+  new, loss = _pmapped_step(config, state, images, labels)
+  g_loss, g_grads, g_stats = _single_device_step(
+      config, state, images.reshape(-1, 28, 28), labels.reshape(-1))
+  np.testing.assert_allclose(loss[0], g_loss, rtol=1e-5)
+  expected = _sgd(state.params, g_grads, config.lr)
+  for d in (0, DEVICES - 1):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-6), new.params, expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-6), new.batch_stats, g_stats)
+
+
+def test_per_device_step_averages_per_shard_gradients():
+  assert jax.device_count() == DEVICES
+  config, state, images, labels = _step_inputs("per-device")
+  new, loss = _pmapped_step(config, state, images, labels)
+  shards = [_single_device_step(config, state, images[d], labels[d]) for d in range(DEVICES)]
+  np.testing.assert_allclose(loss[0], np.mean([s[0] for s in shards]), rtol=1e-5)
+  mean_grads = jax.tree.map(lambda *g: sum(g) / DEVICES, *[s[1] for s in shards])
+  expected = _sgd(state.params, mean_grads, config.lr)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[3], b, rtol=1e-4, atol=1e-6), new.params, expected)
+  for d in (0, 5):  # each device keeps the running statistics of its own batches
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-6),
+                 new.batch_stats, shards[d][2])
+  assert not np.allclose(new.batch_stats["BatchNorm_0"]["mean"][0], new.batch_stats["BatchNorm_0"]["mean"][1])
+
+
+# ---- train.py end to end ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  return write_dataset(tmp_path_factory.mktemp("idx"), make_dataset(n_train=240, n_test=37))
+
+
+def _train_cmd(idx_dir, out, *extra):
+  return [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--idx-dir", str(idx_dir),
+          "--data-dir", str(Path(out).parent / "tfds"), "--out", str(out), "--no-progress",
+          "--batch-size", "6", "--init-std", "0.3", *extra]
+
+
+def _run(cmd, **kw):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _metrics(out):
+  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+DETERMINISTIC = ("step", "train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
+  args = ("--bn", "per-device", "--devices", "2", "--steps", "3000", "--eval-every", "20",
+          "--checkpoint-every", "200")
+  reference = _run(_train_cmd(idx_dir, tmp_path / "full", *args))
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  out = tmp_path / "killed"
+  proc = subprocess.Popen(_train_cmd(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (out / "checkpoints" / "400").exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  interrupted_at = _metrics(out)[-1]["step"]
+  assert interrupted_at < 3000, "the run finished before it could be killed"
+
+  resumed = _run(_train_cmd(idx_dir, out, *args, "--resume"))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  full, again = _metrics(tmp_path / "full"), _metrics(out)
+  assert [m["step"] for m in again] == list(range(20, 3001, 20))
+  for a, b in zip(full, again):
+    assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
+
+
+def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
+  """37 test examples on 8 devices: the reported accuracy is over all 37."""
+  out = tmp_path / "run"
+  result = _run(_train_cmd(idx_dir, out, "--bn", "sync", "--devices", "8", "--steps", "40",
+                           "--eval-every", "40"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = training.Config(**json.loads((out / "config.json").read_text()))
+  model = training.make_model(config, synced=False)
+  abstract = training.create_train_state(config, model, (28, 28))
+  state = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
+      40, args=ocp.args.StandardRestore(abstract))
+  from jaxbn import data
+  ds = data.load("mnist", data_dir=str(tmp_path / "tfds"))
+  assert ds.test_images.shape[0] == 37
+  logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                          ds.test_images.astype(np.float32) / 255, train=False)
+  accuracy = float(np.mean(np.argmax(logits, -1) == ds.test_labels))
+  loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, ds.test_labels).mean())
+  last = _metrics(out)[-1]
+  assert last["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)  # steps of 1/37
+  assert last["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path, idx_dir):
+  """2 processes x 2 CPU devices (gloo on 127.0.0.1) == 1 process x 4 devices.
+
+  gloo sums the gradient all-reduce in another order than the in-process
+  collective (last-bit differences after one step, which training amplifies),
+  so a short run is compared at 1e-4 (O(1) values); a BN synced only within each process
+  would differ by percents.
+  """
+  args = ("--bn", "sync", "--steps", "20", "--eval-every", "10", "--checkpoint-every", "20",
+          "--lr", "0.1")
+  single = _run(_train_cmd(idx_dir, tmp_path / "single", "--devices", "4", *args))
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  multi = tmp_path / "multi"
+  procs = [subprocess.Popen(
+      _train_cmd(idx_dir, multi, "--devices", "2", *args, "--coordinator", f"127.0.0.1:{port}",
+                 "--num-processes", "2", "--process-id", str(i)),
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
+  one, two = _metrics(tmp_path / "single"), _metrics(multi)
+  assert [m["step"] for m in two] == [10, 20]
+  for a, b in zip(one, two):
+    for key in ("train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), key
+  # Same running statistics at the end.
+  config = training.Config(**json.loads((multi / "config.json").read_text()))
+  abstract = training.create_train_state(config, training.make_model(config), (28, 28))
+  restore = lambda out: ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
+      20, args=ocp.args.StandardRestore(abstract))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               restore(tmp_path / "single").batch_stats, restore(multi).batch_stats)
