@@ -172,11 +172,6 @@ def _expand(v: jax.Array, ndim: int, faxes: tuple[int, ...]) -> jax.Array:
   return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in faxes))
 
 
-# Above this mean²/var, E[x²] - E[x]² in float32 could lose more than ~3e-6 of
-# the variance (about 3 eps (1 + mean²/var)); the shifted sums are used there.
-_UNSHIFTED_LIMIT = 16.0
-
-
 def _reduction_axes(ndim, faxes):
   return tuple(a for a in range(ndim) if a not in faxes)
 
@@ -203,37 +198,6 @@ def _shifted_moments(x, mask, faxes):
   s2 = jnp.sum(d * d, raxes)
   safe = jnp.maximum(count, 1)
   return count, first + s1 / safe, jnp.maximum(s2 - s1 * (s1 / safe), 0)
-
-
-def _unshifted_moments(x, faxes):
-  """(count, mean, M2) from Σx and Σx², and whether that was accurate enough.
-
-  XLA:CPU's fast reduction kernels cannot take the per-feature shift (a
-  broadcast), which makes the shifted pass several times slower there, so on
-  CPU this form is used wherever mean²/var <= _UNSHIFTED_LIMIT.
-  """
-  raxes = _reduction_axes(x.ndim, faxes)
-  xs = x.astype(_stat_dtype(x.dtype))
-  n = math.prod(x.shape[a] for a in raxes)
-  s1, s2 = jnp.sum(xs, raxes), jnp.sum(xs * xs, raxes)
-  mean = s1 / n
-  m2 = s2 - s1 * mean
-  accurate = jnp.all(m2 * _UNSHIFTED_LIMIT >= n * mean * mean)
-  return jnp.full(mean.shape, n, mean.dtype), mean, jnp.maximum(m2, 0), accurate
-
-
-def _local_moments(x, mask, faxes):
-  """(count, mean, M2) of this replica's valid elements, one pass over x, and
-  whether the unshifted sums were used (then the backward pass uses them too)."""
-  shifted = lambda x: (*_shifted_moments(x, mask, faxes), jnp.bool_(False))
-  if mask is not None:
-    return shifted(x)
-
-  def cpu(x):
-    *moments, accurate = _unshifted_moments(x, faxes)
-    return lax.cond(accurate, lambda: (*moments, jnp.bool_(True)), lambda: shifted(x))
-
-  return lax.platform_dependent(x, cpu=cpu, default=shifted)
 
 
 def _combine(count, mean, m2):
@@ -266,8 +230,8 @@ def _gather_replicas(value, axis_name, axis_index_groups):
   return lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
 
 
-def _moments_and_path(x, mask, faxes, axis_name, axis_index_groups):
-  count, mean, m2, unshifted = _local_moments(x, mask, faxes)
+def _moments(x, mask, faxes, axis_name, axis_index_groups) -> Moments:
+  count, mean, m2 = _shifted_moments(x, mask, faxes)
   if axis_name is not None:
     # Every replica's (count, mean, M2), combined exactly. Empty slots of a
     # smaller group have count 0 and weigh nothing.
@@ -275,7 +239,7 @@ def _moments_and_path(x, mask, faxes, axis_name, axis_index_groups):
     count, mean, m2 = _combine(gathered[:, 0], gathered[:, 1], gathered[:, 2])
   var = m2 / jnp.maximum(count, 1)
   mean = jnp.where(count > 0, mean, 0)
-  return Moments(count, mean, var), unshifted
+  return Moments(count, mean, var)
 
 
 def _canonical_groups(axis_index_groups):
@@ -310,7 +274,7 @@ def moments(
   mask = _check_mask(mask, x.shape)
   if axis_name is not None:
     _check_axis_name(axis_name)
-  return _moments_and_path(x, mask, faxes, axis_name, _canonical_groups(axis_index_groups))[0]
+  return _moments(x, mask, faxes, axis_name, _canonical_groups(axis_index_groups))
 
 
 # --------------------------------------------------------------------------
@@ -327,10 +291,10 @@ def _normalize(x, mean, inv, scale, bias, faxes, out_dtype):
 
 def _train_forward(cfg, x, scale, bias, mask):
   faxes, epsilon, axis_name, groups, out_dtype = cfg
-  stats, unshifted = _moments_and_path(x, mask, faxes, axis_name, groups)
+  stats = _moments(x, mask, faxes, axis_name, groups)
   inv = lax.rsqrt(stats.var + epsilon)
   y = _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype)
-  return (y, stats), (x, scale, mask, stats.count, stats.mean, inv, unshifted)
+  return (y, stats), (x, scale, mask, stats.count, stats.mean, inv)
 
 
 def _train_backward(cfg, residuals, cotangents):
@@ -342,26 +306,14 @@ def _train_backward(cfg, residuals, cotangents):
   caller stops it), so their cotangents are zero and ignored.
   """
   faxes, _, axis_name, groups, _ = cfg
-  x, scale, mask, count, mean, inv, unshifted = residuals
+  x, scale, mask, count, mean, inv = residuals
   g = cotangents[0]
   dtype = _stat_dtype(x.dtype)
   raxes = _reduction_axes(x.ndim, faxes)
   e = lambda v: _expand(v, x.ndim, faxes)
-  gf, xf = g.astype(dtype), x.astype(dtype)
-  xhat = (xf - e(mean)) * e(inv)
-
-  def centered(*_):
-    return jnp.stack([jnp.sum(gf, raxes), jnp.sum(gf * xhat, raxes)])
-
-  def cpu(*_):
-    # Σg·xhat = inv (Σg·x - mean Σg): no broadcast inside the reductions; as
-    # accurate as the forward's unshifted sums, which it follows.
-    def uncentered():
-      sum_g = jnp.sum(gf, raxes)
-      return jnp.stack([sum_g, inv * (jnp.sum(gf * xf, raxes) - mean * sum_g)])
-    return lax.cond(unshifted, uncentered, centered)
-
-  local = lax.platform_dependent(cpu=cpu, default=centered)
+  gf = g.astype(dtype)
+  xhat = (x.astype(dtype) - e(mean)) * e(inv)
+  local = jnp.stack([jnp.sum(gf, raxes), jnp.sum(gf * xhat, raxes)])
   total = local if axis_name is None else lax.psum(local, axis_name, axis_index_groups=groups)
   sum_g, sum_gxhat = total[0], total[1]
   a = scale.astype(dtype) * inv

@@ -233,34 +233,15 @@ def test_jit_and_vmap_without_axis_name():
     _assert_rel(batched[i], ref.bn_forward(x[i], scale, bias)[0], rtol=1e-5, atol=1e-5)
 
 
-# ---- both implementations of the sums (CPU picks per batch; GPU/TPU: shifted) ----
+# ---- the shifted single pass itself ------------------------------------------
 
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES)
-def test_shifted_and_unshifted_moments_both_match_numpy(shape, axis):
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_shifted_moments_match_numpy(shape, axis, offset):
   from jaxbn import functional as F
   x, *_ = _data(shape, axis, seed=12)
-  faxes = F.feature_axes(x.ndim, axis)
+  x = x + np.float32(offset)
   _, mean, var = ref.batch_moments(x, axis)
-  count_s, mean_s, m2_s = F._shifted_moments(jnp.asarray(x), None, faxes)
-  count_u, mean_u, m2_u, accurate = F._unshifted_moments(jnp.asarray(x), faxes)
-  assert bool(accurate)  # loc 3, spread 2: mean²/var = 2.25, within the limit
-  for count, m, m2 in ((count_s, mean_s, m2_s), (count_u, mean_u, m2_u)):
-    _assert_rel(m, mean, rtol=1e-6, atol=1e-6)
-    _assert_rel(m2 / count, var, rtol=1e-5)
-  # Beyond the limit the unshifted sums report themselves inaccurate.
-  assert not bool(F._unshifted_moments(jnp.asarray(x) + 100.0, faxes)[3])
-
-
-@pytest.mark.parametrize("unshifted", [False, True])
-def test_backward_sums_both_ways_match_paper_formula(unshifted):
-  from jaxbn import functional as F
-  x, scale, bias, _ = _data((64, 5), -1, seed=13)
-  g = np.random.default_rng(14).normal(size=x.shape).astype(np.float32)
-  cfg = ((1,), 1e-5, None, None, jnp.dtype(jnp.float32))
-  (_, stats), residuals = F._train_forward(cfg, jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), None)
-  residuals = residuals[:-1] + (jnp.bool_(unshifted),)
-  dx, dscale, dbias, _ = F._train_backward(cfg, residuals, (jnp.asarray(g), None))
-  dx_ref, dscale_ref, dbias_ref = ref.bn_backward(x, scale, g)
-  _assert_rel(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
-  _assert_rel(dscale, dscale_ref, rtol=1e-4, atol=1e-4)
-  _assert_rel(dbias, dbias_ref, rtol=1e-4, atol=1e-4)
+  count, m, m2 = F._shifted_moments(jnp.asarray(x), None, F.feature_axes(x.ndim, axis))
+  _assert_rel(m, mean, rtol=1e-6, atol=1e-6)
+  _assert_rel(m2 / count, var, rtol=1e-4 if offset else 1e-5)

@@ -1,0 +1,76 @@
+"""Timing, tables and result files shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_interleaved(fns: dict, args: dict, rounds: int = 30, inner: int = 3) -> dict:
+  """Median seconds per call of each jitted fn, compilation excluded.
+
+  The candidates run in turn within each round, so drifts of the machine
+  (frequency, other load) touch all of them alike.
+  """
+  compiled = {}
+  for name, fn in fns.items():
+    compiled[name] = jax.jit(fn)
+    jax.block_until_ready(compiled[name](*args[name]))  # compile and warm up
+  samples = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in compiled.items():
+      start = time.perf_counter()
+      for _ in range(inner):
+        out = fn(*args[name])
+      jax.block_until_ready(out)
+      samples[name].append((time.perf_counter() - start) / inner)
+  return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def machine() -> dict:
+  device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "devices": jax.device_count(), "cpu": cpu, "cores": os.cpu_count(),
+          "jax": jax.__version__}
+
+
+def commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+  """A markdown table of `rows` restricted to `columns`."""
+  def fmt(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def save(name: str, rows: list[dict], command: str) -> Path:
+  RESULTS.mkdir(exist_ok=True)
+  path = RESULTS / f"{name}.json"
+  path.write_text(json.dumps({"command": command, "commit": commit(), "machine": machine(),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows}, indent=2) + "\n")
+  return path
