@@ -55,7 +55,7 @@ class Config:
   activation: str | None = None       # sigmoid | relu; None: the model's default
   dropout: float = 0.0
   init_std: float = 0.1               # MLP weights ~ N(0, init_std²)
-  width: int = 8                      # InceptionNet channel multiplier
+  width: int = 4                      # InceptionNet channel multiplier
   bn_momentum: float = 0.99
   eval_every: int = 1000
   checkpoint_every: int = 10_000      # a multiple of eval_every

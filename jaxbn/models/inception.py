@@ -60,7 +60,7 @@ class InceptionNet(nn.Module):
   norm: Callable[..., nn.Module] | None = None
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dropout: float = 0.0
-  width: int = 8
+  width: int = 4
 
   @nn.compact
   def __call__(self, x, train: bool):

@@ -1,0 +1,89 @@
+"""Runs the experiments' train.py commands and collects their metrics.
+
+    python experiments/run.py --size {default,full} [--only e1,e3] [--runs runs] [--reports reports]
+
+Each run's output goes to RUNS/SIZE/EXPERIMENT/NAME; a finished run is skipped
+and an interrupted one resumes from its checkpoint, so the whole set can be
+restarted. Metrics and configs are copied to REPORTS/SIZE/data/ with the
+exact command, wall time, commit and machine in meta.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.plan import runs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _finished(out: Path) -> bool:
+  try:
+    config = json.loads((out / "config.json").read_text())
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return bool(lines) and json.loads(lines[-1])["step"] == config["steps"]
+  except (OSError, ValueError, KeyError):
+    return False
+
+
+def _machine() -> str:
+  cpu = platform.machine()
+  try:
+    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  import os
+  return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (CPU host devices)"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", choices=["default", "full"], default="default")
+  parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3)")
+  parser.add_argument("--runs", default="runs")
+  parser.add_argument("--reports", default="reports")
+  parser.add_argument("--data-dir", default="data")
+  args = parser.parse_args(argv)
+  only = set(args.only.split(",")) if args.only else None
+  data_root = ROOT / args.reports / args.size / "data"
+  meta_path = data_root / "meta.json"
+  meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+  meta.update(size=args.size, machine=_machine(), commit=commit)
+
+  plan = [r for r in runs(args.size) if only is None or r.experiment in only]
+  for i, run in enumerate(plan, 1):
+    out = ROOT / args.runs / args.size / run.experiment / run.name
+    command = ["python", "train.py", *run.args, "--data-dir", args.data_dir,
+               "--out", str(Path(args.runs) / args.size / run.experiment / run.name)]
+    key = f"{run.experiment}/{run.name}"
+    if _finished(out):
+      print(f"[{i}/{len(plan)}] {key}: done already", flush=True)
+    else:
+      print(f"[{i}/{len(plan)}] {key}: {' '.join(command)}", flush=True)
+      start = time.time()
+      result = subprocess.run([sys.executable, *command[1:], "--resume", "--no-progress"], cwd=ROOT)
+      if result.returncode != 0:
+        sys.exit(f"{key} failed with exit code {result.returncode}")
+      meta["runs"][key] = {"command": " ".join(command), "wall_time_s": round(time.time() - start, 1),
+                           "labels": run.labels}
+    meta["runs"].setdefault(key, {"command": " ".join(command), "labels": run.labels})
+    target = data_root / run.experiment
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "metrics.jsonl", target / f"{run.name}.jsonl")
+    shutil.copy(out / "config.json", target / f"{run.name}.json")
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  main()
