@@ -3,17 +3,49 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: test env
+.PHONY: env test data train reproduce report bench
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,report]'
 	touch $@
 
 # pytest exits non-zero (5) when it collects no test, so make fails loudly.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Fashion-MNIST from Debian's package when it is not there yet (no network
+# needed beyond the package mirror), then prepared once as TFDS array_record.
+data: $(STAMP)
+	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "could not install dataset-fashion-mnist; train.py will try its download"; fi
+	$(PY) -c "from jaxbn import data; data.load('fashion_mnist', data_dir='data')"
+
+# The default experiments (about 10 minutes on 2 CPU cores) -> reports/default/
+train: data
+	$(PY) experiments/run.py --size default
+	$(PY) experiments/report.py --size default
+
+# Every experiment at full size -> reports/full/ (the committed report)
+reproduce: data
+	$(PY) experiments/run.py --size full
+	$(PY) experiments/report.py --size full
+
+# Re-draw the committed full report from its metrics files, no training.
+report: $(STAMP)
+	$(PY) experiments/report.py --size full
+
+# glibc returns large freed blocks to the OS and then page-faults them in again
+# on every call, which would dominate CPU timings of 32 MB arrays; keep them.
+BENCH_ENV := MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912
+bench: $(STAMP)
+	$(BENCH_ENV) $(PY) benchmarks/bn_layer.py
+	$(BENCH_ENV) $(PY) benchmarks/synced.py
+	$(BENCH_ENV) $(PY) benchmarks/train_steps.py

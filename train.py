@@ -9,7 +9,9 @@ sigmoid MLP). See README.md for every flag.
 
 import argparse
 import dataclasses
+import sys
 
+from jaxbn.data import DatasetNotFoundError
 from jaxbn.training import Config, setup_devices, train_and_evaluate
 
 INCEPTION_DEFAULTS = dict(batch_size=32, steps=10_000, optimizer="momentum", lr=0.01, eval_every=500)
@@ -45,6 +47,8 @@ def parse_args(argv=None):
   parser.add_argument("--coordinator", help="host:port of process 0, for several processes")
   parser.add_argument("--num-processes", type=int)
   parser.add_argument("--process-id", type=int)
+  parser.add_argument("--distributed", action="store_true",
+                      help="jax.distributed.initialize() with JAX's cluster auto-detection (SLURM, TPU pods, ...)")
   args = parser.parse_args(argv)
   given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
   defaults = INCEPTION_DEFAULTS if given.get("model") == "inception" else {}
@@ -54,8 +58,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
   config, args = parse_args(argv)
-  devices = setup_devices(config, args.coordinator, args.num_processes, args.process_id)
-  last = train_and_evaluate(config, devices)
+  devices = setup_devices(config, args.coordinator, args.num_processes, args.process_id,
+                          auto_detect=args.distributed)
+  try:
+    last = train_and_evaluate(config, devices)
+  except DatasetNotFoundError as error:
+    sys.exit(f"error: {error}")
   print(f"step {last['step']}: test accuracy {last['test_accuracy']:.4f}, "
         f"test loss {last['test_loss']:.4f} ({last['wall_time']:.1f} s)")
 

@@ -2,7 +2,8 @@
 
     python benchmarks/bn_layer.py [--rounds 30]
 
-For each shape and dtype, forward and forward+backward: y and dL/dx for
+For each shape and dtype, the batch statistics alone (jaxbn.moments against
+flax's one-pass E[x²]-E[x]² and a one-read floor), forward and forward+backward: y and dL/dx for
 L = sum(BN(x)·w), i.e. the VJP with cotangent w (what a training step runs;
 the scalar loss itself is not BN's work), jitted, median of interleaved repeats:
 
@@ -83,7 +84,13 @@ def candidates(shape, dtype):
   backward = {name: grad_of(f) for name, (f, _) in impls.items()}
   backward_args = dict(forward_args)
   backward["floor"], backward_args["floor"] = floor_backward, (x, w)
-  return forward, forward_args, backward, backward_args
+  from flax.linen.normalization import _compute_stats
+  statistics = {"jaxbn.moments": lambda x: jaxbn.moments(x),
+                "flax": lambda x: _compute_stats(x, raxes, None),
+                "flax (use_fast_variance=False)": lambda x: _compute_stats(x, raxes, None, use_fast_variance=False),
+                "floor": lambda x: jnp.sum(x.astype(jnp.float32), raxes)}
+  statistics_args = {name: (x,) for name in statistics}
+  return statistics, statistics_args, forward, forward_args, backward, backward_args
 
 
 def main(argv=None):
@@ -92,8 +99,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   rows = []
   for shape, dtype in SHAPES:
-    forward, forward_args, backward, backward_args = candidates(shape, dtype)
-    for mode, fns, fargs in (("forward", forward, forward_args), ("fwd+bwd", backward, backward_args)):
+    statistics, statistics_args, forward, forward_args, backward, backward_args = candidates(shape, dtype)
+    for mode, fns, fargs in (("statistics", statistics, statistics_args), ("forward", forward, forward_args),
+                             ("fwd+bwd", backward, backward_args)):
       times = common.time_interleaved(fns, fargs, rounds=args.rounds)
       for name, seconds in times.items():
         rows.append({"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name, "mode": mode,

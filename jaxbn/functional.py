@@ -167,13 +167,13 @@ def _stat_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _expand(v: jax.Array, ndim: int, faxes: tuple[int, ...]) -> jax.Array:
-  """Per-feature array of shape feature_shape -> broadcastable against x."""
-  return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in faxes))
-
-
 def _reduction_axes(ndim, faxes):
   return tuple(a for a in range(ndim) if a not in faxes)
+
+
+def _expand(v: jax.Array, ndim: int, faxes: tuple[int, ...]) -> jax.Array:
+  """Per-feature array of shape feature_shape -> broadcastable against x."""
+  return jnp.expand_dims(v, _reduction_axes(ndim, faxes))
 
 
 def _shifted_moments(x, mask, faxes):
@@ -428,7 +428,7 @@ def batch_norm(
     return y, stats
 
   if axis_name is None:
-    per_feature = math.prod(x.shape[a] for a in range(x.ndim) if a not in faxes)
+    per_feature = math.prod(x.shape[a] for a in _reduction_axes(x.ndim, faxes))
     if per_feature < 2 and mask is None:
       raise ValueError(
           f"x: training needs more than one value per feature to compute batch "

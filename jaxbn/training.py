@@ -215,11 +215,16 @@ def sync_state(state: TrainState) -> TrainState:
 # ---- host side ------------------------------------------------------------
 
 
-def setup_devices(config: Config, coordinator=None, num_processes=None, process_id=None):
-  """Starts JAX (several processes if asked) and returns the local devices to use."""
+def setup_devices(config: Config, coordinator=None, num_processes=None, process_id=None,
+                  auto_detect=False):
+  """Starts JAX (several processes if asked) and returns the local devices to use.
+
+  Several processes: pass the coordinator, or `auto_detect` to let JAX find
+  the cluster (SLURM, TPU pods, ...).
+  """
   if config.devices:
     jax.config.update("jax_num_cpu_devices", config.devices)
-  if coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  if auto_detect or coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
