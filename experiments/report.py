@@ -233,7 +233,9 @@ def e3(results: Results, out: Path, size: str) -> dict:
     axes[0].errorbar(batches, mean, yerr=err, marker="o", capsize=3, label=mode)
     for metrics in by.get((mode, batches[0]), [])[:1]:
       axes[1].plot(_steps(metrics), _acc(metrics), label=mode)
-  axes[0].set(xscale="log", xticks=batches, xticklabels=batches, xlabel="per-device batch (8 devices)",
+  axes[0].set_xscale("log", base=2)
+  axes[0].minorticks_off()
+  axes[0].set(xticks=batches, xticklabels=batches, xlabel="per-device batch (8 devices)",
               ylabel="final test accuracy", title="Final accuracy vs per-device batch")
   axes[1].set(xlabel="training steps", ylabel="test accuracy",
               title=f"Per-device batch {batches[0]} (global {8 * batches[0]}), seed 0")
@@ -259,7 +261,8 @@ def e3(results: Results, out: Path, size: str) -> dict:
            "Per-device BN normalizes each device's batch alone and combines the running statistics with "
            "`jaxbn.sync_batch_stats` before each evaluation; synced BN normalizes with the statistics of the "
            "whole global batch; the third column is one device with the whole global batch.\n\n")
-  text += "![E3](e3.png)\n\n## Final test accuracy (mean ± half the spread over seeds)\n\n"
+  text += ("![E3](e3.png)\n\nSynced BN and one device with the global batch give the same curves, so one "
+           "line hides the other.\n\n## Final test accuracy (mean ± half the spread over seeds)\n\n")
   text += _table(["per-device batch", "global batch", *E3_MODES], rows)
   text += ("\n## Step time (ms, median over evaluations after the first)\n\n"
            "The 8 devices are host devices sharing 2 CPU cores, so these times measure dispatch and "
