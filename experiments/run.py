@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -41,7 +42,6 @@ def _machine() -> str:
                if line.startswith("model name"))
   except (OSError, StopIteration):
     pass
-  import os
   return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (CPU host devices)"
 
 

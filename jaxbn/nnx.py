@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import typing as tp
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
