@@ -28,7 +28,7 @@ data: $(STAMP)
 	  echo "could not install dataset-fashion-mnist; train.py will try its download"; fi
 	$(PY) -c "from jaxbn import data; data.load('fashion_mnist', data_dir='data')"
 
-# The default experiments (about 10 minutes on 2 CPU cores) -> reports/default/
+# The default experiments (12.4 min with set-up on 2 CPU cores) -> reports/default/
 train: data
 	$(PY) experiments/run.py --size default
 	$(PY) experiments/report.py --size default

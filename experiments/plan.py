@@ -1,7 +1,7 @@
 """The experiments of SPEC §7 as lists of train.py runs, at two sizes.
 
 `full` is what `make reproduce` runs and the committed report comes from;
-`default` is the scaled-down set `make train` runs (about 10 minutes on a
+`default` is the scaled-down set `make train` runs (12.4 minutes with set-up on a
 2-core CPU). Every run is a train.py command line.
 """
 

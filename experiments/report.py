@@ -40,16 +40,17 @@ class Results:
         out.append((info["labels"], metrics, info))
     return out
 
-  def wall_time(self, experiment) -> float:
-    return sum(i.get("wall_time_s", 0.0) for k, i in self.meta["runs"].items() if k.startswith(experiment + "/"))
+  def wall_time(self, *experiments) -> float:
+    return sum(i.get("wall_time_s", 0.0) for k, i in self.meta["runs"].items()
+               if k.split("/", 1)[0] in experiments)
 
-  def header(self, experiment, title) -> str:
-    runs = self.runs(experiment)
+  def header(self, title, *experiments) -> str:
+    runs = [r for e in experiments for r in self.runs(e)]
     commands = "\n".join(info["command"] for _, _, info in runs)
     return (f"# {title}\n\n"
             f"- size: `{self.meta['size']}` (`make {'reproduce' if self.meta['size'] == 'full' else 'train'}`)\n"
             f"- commit: `{self.meta['commit']}`; machine: {self.meta['machine']}\n"
-            f"- wall time: {self.wall_time(experiment) / 60:.1f} min for {len(runs)} runs "
+            f"- wall time: {self.wall_time(*experiments) / 60:.1f} min for {len(runs)} runs "
             f"(each run's own command below; run by `experiments/run.py`)\n\n")
 
 
@@ -149,7 +150,7 @@ def e1(results: Results, out: Path, size: str) -> dict:
     plt.close(fig)
 
   seeds = sorted({r[0]["seed"] for r in runs})
-  text = results.header("e1", "E1 — paper Figure 1: MNIST-style MLP with and without BN")
+  text = results.header("E1 — paper Figure 1: MNIST-style MLP with and without BN", "e1", "e1_sweep")
   text += ("Fashion-MNIST (this machine has no network; MNIST works with `--dataset mnist`), "
            "MLP 784-100-100-100-10 with sigmoid units, weights N(0, 0.1²), batch 60, plain SGD "
            f"at learning rate {runs[0][2]['command'].split('--lr ')[1].split()[0]} for both arms, "
@@ -197,7 +198,7 @@ def e2(results: Results, out: Path, size: str) -> dict:
   fig.savefig(out / "e2.png", dpi=110)
   plt.close(fig)
   config = json.loads((results.root / "data" / "e2" / f"{Path(runs[0][2]['command'].split('--out ')[1]).name}.json").read_text())
-  text = results.header("e2", "E2 — paper Figure 3 at small scale: Inception-style convnet")
+  text = results.header("E2 — paper Figure 3 at small scale: Inception-style convnet", "e2")
   text += (f"A small Inception-style net (conv-BN-activation stem, four inception modules with 1×1, 3×3, "
            f"double-3×3 and pooling branches, global average pool; channel width {config['width']}), batch 32, "
            f"SGD with momentum 0.9, {config['steps']} steps, seed 0, Fashion-MNIST. Scaled down from the paper "
@@ -256,7 +257,7 @@ def e3(results: Results, out: Path, size: str) -> dict:
                for b in batches]
   seeds = sorted({r[0]["seed"] for r in runs})
   steps = runs[0][1][-1]["step"]
-  text = results.header("e3", "E3 — per-device vs synced BN on 8 devices")
+  text = results.header("E3 — per-device vs synced BN on 8 devices", "e3")
   text += (f"The E1 MLP with BN (sigmoid, plain SGD), {steps} steps, 8 CPU host devices, seeds {seeds}. "
            "Per-device BN normalizes each device's batch alone and combines the running statistics with "
            "`jaxbn.sync_batch_stats` before each evaluation; synced BN normalizes with the statistics of the "
@@ -284,11 +285,12 @@ def main(argv=None):
               "e3": e3(results, out, args.size)}
   (out / "headline.json").write_text(json.dumps(headline, indent=1) + "\n")
   index = [f"# Experiments ({args.size})\n", f"commit `{results.meta['commit']}`, {results.meta['machine']}\n"]
-  for name, title in (("e1", "E1 — paper Figure 1 (MLP, with/without BN, learning-rate sweep)"),
-                      ("e2", "E2 — paper Figure 3 at small scale (Inception-style net)"),
-                      ("e3", "E3 — per-device vs synced BN on 8 devices")):
+  for name, title, experiments in (
+      ("e1", "E1 — paper Figure 1 (MLP, with/without BN, learning-rate sweep)", ("e1", "e1_sweep")),
+      ("e2", "E2 — paper Figure 3 at small scale (Inception-style net)", ("e2",)),
+      ("e3", "E3 — per-device vs synced BN on 8 devices", ("e3",))):
     if (out / f"{name}.md").exists():
-      index.append(f"- [{title}]({name}.md): {results.wall_time(name if name != 'e1' else 'e1') / 60:.1f} min")
+      index.append(f"- [{title}]({name}.md): {results.wall_time(*experiments) / 60:.1f} min")
   (out / "README.md").write_text("\n".join(index) + "\n")
   print(f"written to {out}")
 
