@@ -39,7 +39,6 @@ class Source:
   sha256: dict[str, str]          # file name (.gz) -> SHA-256 of the download
   class_names: tuple[str, ...]
   local_dir: str | None = None    # a system-wide copy, if a package provides one
-  sizes: tuple[int, int] = (60000, 10000)
 
 
 SOURCES = {
