@@ -339,7 +339,8 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
           donate_argnums=(0,))
     t0 = time.time()
     state, train_loss = chunk_fns[num_steps](state, train_images, train_labels)
-    train_loss = float(_first(train_loss))
+    train_loss = float(_first(train_loss))  # waits for the chunk
+    steps_per_sec = num_steps / (time.time() - t0)  # training only, not the evaluation below
     step += num_steps
     if config.bn == "per-device":
       state = synchronize(state)
@@ -348,7 +349,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     record = {"step": step, "train_loss": train_loss, "test_loss": sums["loss"] / sums["count"],
               "test_accuracy": sums["correct"] / sums["count"],
               "wall_time": time.time() - start_time,
-              "steps_per_sec": num_steps / (time.time() - t0)}
+              "steps_per_sec": steps_per_sec}
     if config.model == "mlp":
       values = _local(tracked).reshape(-1)[_local(test[2]).reshape(-1)]
       record.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))})
