@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Moments", "moments", "batch_norm", "feature_axes"]
+__all__ = ["Moments", "moments", "batch_norm", "feature_axes", "UnboundAxisNameError"]
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -70,25 +70,29 @@ def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_input(x) -> jax.Array:
+  """Floating or complex array; integers and booleans become float32 (as in flax)."""
   if not hasattr(x, "dtype"):
     x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+    x = jnp.asarray(x, jnp.float32)
+  elif not jnp.issubdtype(x.dtype, jnp.inexact):
     raise TypeError(
-        f"x: expected a floating-point array (float32, bfloat16, float16 or "
-        f"float64), got dtype {x.dtype}. Cast integer inputs first, e.g. "
-        f"x.astype(jnp.float32)."
-    )
+        f"x: expected a numeric array (float32, bfloat16, float16, float64, complex "
+        f"or integer), got dtype {x.dtype}.")
   if x.ndim < 1:
     raise ValueError("x: expected an array with at least one dimension, got a scalar.")
   return x
 
 
 def _check_mask(mask, shape) -> jax.Array | None:
+  """Boolean mask broadcastable to `shape`; a 0/1 integer mask counts as boolean."""
   if mask is None:
     return None
   mask = jnp.asarray(mask)
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"mask: expected a boolean array, got dtype {mask.dtype}.")
+  if jnp.issubdtype(mask.dtype, jnp.integer):
+    mask = mask != 0
+  elif mask.dtype != jnp.bool_:
+    raise TypeError(f"mask: expected a boolean (or 0/1 integer) array, got dtype {mask.dtype}.")
   try:
     out_shape = jnp.broadcast_shapes(mask.shape, shape)
   except ValueError:
@@ -124,13 +128,21 @@ def _axis_names(axis_name) -> tuple:
   return axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
 
+class UnboundAxisNameError(NameError, ValueError):
+  """`axis_name` names an axis that no enclosing transform binds.
+
+  A `NameError`, as flax and equinox raise (and users catch), and a
+  `ValueError`, as every other bad argument to jaxbn.
+  """
+
+
 def _check_axis_name(axis_name) -> None:
   """Fails with a clear message when no transform binds `axis_name`."""
   for name in _axis_names(axis_name):
     try:
       lax.axis_size(name)
     except NameError:
-      raise ValueError(
+      raise UnboundAxisNameError(
           f"axis_name: {name!r} is not bound by any enclosing transform. Synced "
           f"batch statistics need a named axis: call inside jax.pmap(..., "
           f"axis_name={name!r}), jax.vmap(..., axis_name={name!r}) or "
@@ -163,8 +175,21 @@ def _vary_like(value: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _stat_dtype(dtype) -> jnp.dtype:
-  # Reduce in float32 at least; float64 input keeps float64.
+  # Reduce in float32 at least; float64 and complex inputs keep their precision.
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def _real_dtype(dtype) -> jnp.dtype:
+  return jnp.finfo(dtype).dtype
+
+
+def _abs_sq(v: jax.Array) -> jax.Array:
+  return jnp.square(v.real) + jnp.square(v.imag) if jnp.iscomplexobj(v) else v * v
+
+
+def _real_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Re(conj(a) b): the real inner product that a complex variance varies by."""
+  return (a.real * b.real + a.imag * b.imag) if jnp.iscomplexobj(a) else a * b
 
 
 def _reduction_axes(ndim, faxes):
@@ -180,24 +205,26 @@ def _shifted_moments(x, mask, faxes):
   """(count, mean, M2) in one pass, shifted by each feature's first sample.
 
   Sums of (x - shift) do not cancel catastrophically when |mean| >> std.
+  For complex x, M2 is the real sum of |x - mean|^2.
   """
   raxes = _reduction_axes(x.ndim, faxes)
   dtype = _stat_dtype(x.dtype)
+  real = _real_dtype(dtype)
   xs = x.astype(dtype)
   first_index = tuple(0 if a in raxes else slice(None) for a in range(x.ndim))
   first = lax.stop_gradient(xs[first_index])
   if mask is None:
-    count = jnp.full(first.shape, math.prod(x.shape[a] for a in raxes), dtype)
+    count = jnp.full(first.shape, math.prod(x.shape[a] for a in raxes), real)
     d = xs - _expand(first, x.ndim, faxes)
   else:
     m = jnp.broadcast_to(mask, x.shape)
     first = jnp.where(m[first_index], first, 0)
-    count = jnp.sum(m, raxes, dtype=dtype)
+    count = jnp.sum(m, raxes, dtype=real)
     d = jnp.where(m, xs - _expand(first, x.ndim, faxes), 0)
   s1 = jnp.sum(d, raxes)
-  s2 = jnp.sum(d * d, raxes)
+  s2 = jnp.sum(_abs_sq(d), raxes)
   safe = jnp.maximum(count, 1)
-  return count, first + s1 / safe, jnp.maximum(s2 - s1 * (s1 / safe), 0)
+  return count, first + s1 / safe, jnp.maximum(s2 - _abs_sq(s1) / safe, 0)
 
 
 def _combine(count, mean, m2):
@@ -205,7 +232,7 @@ def _combine(count, mean, m2):
   total = jnp.sum(count, 0)
   safe = jnp.maximum(total, 1)
   global_mean = jnp.sum(count * mean, 0) / safe
-  global_m2 = jnp.sum(m2, 0) + jnp.sum(count * jnp.square(mean - global_mean), 0)
+  global_m2 = jnp.sum(m2, 0) + jnp.sum(count * _abs_sq(mean - global_mean), 0)
   return total, global_mean, global_m2
 
 
@@ -217,8 +244,12 @@ def _gather_replicas(value, axis_name, axis_index_groups):
   are summed (adding zeros is exact).
   """
   if axis_index_groups is None:
-    to = "invarying" if _is_manual(axis_name) else "varying"
-    return lax.all_gather(value, axis_name, to=to)
+    if _is_manual(axis_name):
+      return lax.all_gather(value, axis_name, to="invarying")
+    # vmap's all_gather takes one name at a time; under vmap it moves no data.
+    for name in reversed(_axis_names(axis_name)):
+      value = lax.all_gather(value, name, to="varying")
+    return value.reshape((-1,) + value.shape[len(_axis_names(axis_name)):])
   slot = [0] * sum(len(g) for g in axis_index_groups)
   for group in axis_index_groups:
     for position, replica in enumerate(group):
@@ -235,8 +266,9 @@ def _moments(x, mask, faxes, axis_name, axis_index_groups) -> Moments:
   if axis_name is not None:
     # Every replica's (count, mean, M2), combined exactly. Empty slots of a
     # smaller group have count 0 and weigh nothing.
-    gathered = _gather_replicas(jnp.stack([count, mean, m2]), axis_name, axis_index_groups)
-    count, mean, m2 = _combine(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+    gathered = _gather_replicas(jnp.stack([count.astype(mean.dtype), mean, m2.astype(mean.dtype)]),
+                                axis_name, axis_index_groups)
+    count, mean, m2 = _combine(gathered[:, 0].real, gathered[:, 1], gathered[:, 2].real)
   var = m2 / jnp.maximum(count, 1)
   mean = jnp.where(count > 0, mean, 0)
   return Moments(count, mean, var)
@@ -258,16 +290,18 @@ def moments(
   """Exact per-feature count, mean and biased variance of a batch.
 
   Args:
-    x: floating-point array.
+    x: numeric array (integers are cast to float32).
     axis: feature axis or axes; every other axis is reduced.
     axis_name: None for this device's batch, or a name (tuple of names) bound
       by pmap / shard_map / vmap for the whole cross-replica batch.
     axis_index_groups: reduce only within these replica groups.
-    mask: boolean array broadcastable to x; False elements are not counted.
+    mask: boolean (or 0/1 integer) array broadcastable to x; False elements
+      are not counted.
 
   Returns:
     `Moments(count, mean, var)`, each of the feature shape, in float32
-    (float64 for float64 input). An empty batch gives count 0, mean 0, var 0.
+    (float64 for float64 input; a complex mean and the real variance of
+    |x - mean|^2 for complex input). An empty batch gives count 0, mean 0, var 0.
   """
   x = _check_input(x)
   faxes = feature_axes(x.ndim, axis)
@@ -278,7 +312,7 @@ def moments(
 
 
 # --------------------------------------------------------------------------
-# Training-mode normalization with the paper's backward pass.
+# Training-mode normalization, differentiated by a linear JVP rule.
 
 
 def _normalize(x, mean, inv, scale, bias, faxes, out_dtype):
@@ -289,53 +323,66 @@ def _normalize(x, mean, inv, scale, bias, faxes, out_dtype):
   return y.astype(out_dtype)
 
 
-def _train_forward(cfg, x, scale, bias, mask):
+def _train_primal(cfg, x, scale, bias, mask):
   faxes, epsilon, axis_name, groups, out_dtype = cfg
   stats = _moments(x, mask, faxes, axis_name, groups)
   inv = lax.rsqrt(stats.var + epsilon)
-  y = _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype)
-  return (y, stats), (x, scale, mask, stats.count, stats.mean, inv)
+  return _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype), stats
 
 
-def _train_backward(cfg, residuals, cotangents):
-  """Paper §3: dx = gamma/(m sigma) (m g - Σg - xhat Σ(g xhat)).
+_train = jax.custom_jvp(_train_primal, nondiff_argnums=(0,))
 
-  The sums run over every element (a masked-out output still depends on the
-  statistics); the correction applies to the m valid elements only. Both sums
-  cross replicas in one psum. The returned statistics carry no gradient (the
-  caller stops it), so their cotangents are zero and ignored.
+
+def _train_jvp(cfg, primals, tangents):
+  """The tangent of training-mode BN, linear in (dx, dscale, dbias).
+
+  With xhat = (x - mu) / sigma, a = scale / sigma and means over the m valid
+  elements of the (cross-replica) batch:
+
+      dy = a (dx - mean(dx) - xhat mean(Re(conj(xhat) dx))) + dscale xhat + dbias
+
+  Reverse mode transposes this into the paper's closed form (§3),
+  dx = a/m (m g - Σg - xhat Σ(g xhat)); both means cross replicas in one psum,
+  so a synced layer costs one collective forward (the statistics) and one
+  backward. Forward mode (jvp, jacfwd, linearize) uses it directly.
   """
-  faxes, _, axis_name, groups, _ = cfg
-  x, scale, mask, count, mean, inv = residuals
-  g = cotangents[0]
+  faxes, epsilon, axis_name, groups, out_dtype = cfg
+  x, scale, bias, mask = primals
+  dx, dscale, dbias, _ = tangents
+  (y, stats) = _train_primal(cfg, x, scale, bias, mask)
   dtype = _stat_dtype(x.dtype)
   raxes = _reduction_axes(x.ndim, faxes)
   e = lambda v: _expand(v, x.ndim, faxes)
-  gf = g.astype(dtype)
-  xhat = (x.astype(dtype) - e(mean)) * e(inv)
-  local = jnp.stack([jnp.sum(gf, raxes), jnp.sum(gf * xhat, raxes)])
-  total = local if axis_name is None else lax.psum(local, axis_name, axis_index_groups=groups)
-  sum_g, sum_gxhat = total[0], total[1]
-  a = scale.astype(dtype) * inv
-  safe = jnp.maximum(count, 1)
-  c0 = -a * sum_g / safe
-  c1 = -a * sum_gxhat / safe
-  correction = e(c0) + e(c1) * xhat
-  if mask is not None:
-    correction = jnp.where(mask, correction, 0)
-  dx = (e(a) * gf + correction).astype(x.dtype)
-  # Parameter gradients are this replica's share, as autodiff would give them.
-  dscale = local[1].astype(scale.dtype)
-  dbias = local[0].astype(scale.dtype)
-  return dx, dscale, dbias, None
+  inv = lax.rsqrt(stats.var + epsilon)
+  xhat = (x.astype(dtype) - e(stats.mean)) * e(inv)
+  valid = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0))
+
+  dy = jnp.zeros((), dtype)
+  dmean = jnp.zeros_like(stats.mean)
+  dvar = jnp.zeros_like(stats.var)
+  if not _is_zero(dx):
+    dxs = valid(dx.astype(dtype))
+    local = jnp.stack([jnp.sum(dxs, raxes), jnp.sum(_real_dot(valid(xhat), dxs), raxes)])
+    total = local if axis_name is None else lax.psum(local, axis_name, axis_index_groups=groups)
+    safe = jnp.maximum(stats.count, 1)
+    dmean = jnp.where(stats.count > 0, total[0] / safe, 0)
+    dproj = total[1].real / safe
+    dvar = 2 * dproj / inv
+    a = scale.astype(dtype) * inv
+    dy = e(a) * dx.astype(dtype) - e(a * dmean) - xhat * e(a * dproj)
+  if not _is_zero(dscale):
+    dy = dy + xhat * e(dscale.astype(dtype))
+  if not _is_zero(dbias):
+    dy = dy + e(dbias.astype(dtype))
+  dy = jnp.broadcast_to(dy, y.shape).astype(y.dtype)
+  return (y, stats), (dy, Moments(jnp.zeros_like(stats.count), dmean, dvar))
 
 
-def _train_forward_primal(cfg, x, scale, bias, mask):
-  return _train_forward(cfg, x, scale, bias, mask)[0]
+def _is_zero(tangent) -> bool:
+  return type(tangent) is jax.custom_derivatives.SymbolicZero
 
 
-_train = jax.custom_vjp(_train_forward_primal, nondiff_argnums=(0,))
-_train.defvjp(_train_forward, _train_backward)
+_train.defjvp(_train_jvp, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------
@@ -368,14 +415,19 @@ def batch_norm(
       new_stats["var"]  = momentum * stats["var"]  + (1 - momentum) * v_B
 
   where v_B = var_B, or n/(n-1) * var_B with `unbiased=True` (n the number of
-  valid elements). The gradient is the paper's closed form (§3) as a custom
-  VJP, with one collective forward and one backward when synced.
+  valid elements). A feature with a single value normalizes to 0 (flax's
+  behaviour, which `init` with a batch of one relies on). Derivatives come
+  from a linear JVP rule: forward mode works, and reverse mode transposes it
+  into the paper's closed form (§3), with one collective forward and one
+  backward when synced.
 
   Inference (`training=False`): y = scale * (x - mean) / sqrt(var + epsilon)
   + bias with the running `stats`, which are returned unchanged.
 
   Args:
-    x: floating-point input (float32, bfloat16, float16, float64).
+    x: input (float32, bfloat16, float16, float64, complex; integers are
+      cast to float32). Complex input has a complex mean and the real
+      variance of |x - mean|^2, as in flax.
     params: {"scale": feature_shape, "bias": feature_shape}; a missing key (or
       None for params) means scale 1 / bias 0.
     stats: {"mean": feature_shape, "var": feature_shape} running statistics.
@@ -386,8 +438,9 @@ def batch_norm(
     axis_name: None for per-device statistics; a name (tuple of names) bound
       by pmap / shard_map / vmap for statistics of the cross-replica batch.
     axis_index_groups: sync only within these replica groups.
-    mask: boolean, broadcastable to x: the elements that count. Every element
-      is normalized; only valid ones enter the statistics.
+    mask: boolean (or 0/1 integer), broadcastable to x: the elements that
+      count. Every element is normalized; only valid ones enter the
+      statistics. A feature with no valid element has mean 0 and variance 0.
     unbiased: update the running variance with n/(n-1) * var_B (Algorithm 2,
       PyTorch) instead of var_B.
     skip_nonfinite: keep a feature's running statistics unchanged when its
@@ -423,18 +476,11 @@ def batch_norm(
   out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
 
   if not training:
-    inv = lax.rsqrt(running_var.astype(stat_dtype) + epsilon)
+    inv = lax.rsqrt(running_var.astype(_real_dtype(stat_dtype)) + epsilon)
     y = _normalize(x, running_mean, inv, scale.astype(stat_dtype), bias, faxes, out_dtype)
     return y, stats
 
-  if axis_name is None:
-    per_feature = math.prod(x.shape[a] for a in _reduction_axes(x.ndim, faxes))
-    if per_feature < 2 and mask is None:
-      raise ValueError(
-          f"x: training needs more than one value per feature to compute batch "
-          f"statistics, got input shape {x.shape} with feature axes {faxes}. Use "
-          f"a larger batch, sync over replicas with axis_name, or training=False.")
-  else:
+  if axis_name is not None:
     _check_axis_name(axis_name)
   scale, bias = _vary_like(scale, x), _vary_like(bias, x)
   cfg = (faxes, float(epsilon), axis_name, _canonical_groups(axis_index_groups), out_dtype)
@@ -450,6 +496,10 @@ def batch_norm(
     ok = (batch.count > 0) & jnp.isfinite(batch.mean) & jnp.isfinite(batch_var)
     new_mean = jnp.where(ok, new_mean, running_mean)
     new_var = jnp.where(ok, new_var, running_var)
-  new_stats = {"mean": new_mean.astype(running_mean.dtype),
+  # Running statistics keep their dtype (a scan carry or checkpoint stays
+  # valid), except that a real running mean of complex input becomes complex.
+  mean_dtype = jnp.promote_types(running_mean.dtype, batch.mean.dtype) \
+      if jnp.iscomplexobj(batch.mean) else running_mean.dtype
+  new_stats = {"mean": new_mean.astype(mean_dtype),
                "var": new_var.astype(running_var.dtype)}
   return y, new_stats

@@ -16,12 +16,9 @@ def bn(x=X, params=None, stats=STATS, **kw):
   return jaxbn.batch_norm(x, params, stats, **kw)
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.uint8, bool])
-def test_integer_input(dtype):
-  with pytest.raises(TypeError, match=r"x: expected a floating-point array.*int|x: expected a floating-point array.*bool"):
-    bn(X.astype(dtype))
-  with pytest.raises(TypeError, match="x: expected a floating-point"):
-    jaxbn.moments(X.astype(dtype))
+def test_non_numeric_input():
+  with pytest.raises(TypeError, match=r"x: expected a numeric array.*got dtype <U1"):
+    jaxbn.moments(np.full((4, 3), "a"))
 
 
 @pytest.mark.parametrize("axis", [2, -3, (0, 5)])
@@ -71,31 +68,30 @@ def test_negative_epsilon():
 def test_mask_does_not_broadcast():
   with pytest.raises(ValueError, match=r"mask: shape \(8, 2\) does not broadcast to the input shape \(8, 3\)"):
     bn(mask=np.ones((8, 2), bool))
-  with pytest.raises(TypeError, match="mask: expected a boolean array"):
+  with pytest.raises(TypeError, match=r"mask: expected a boolean \(or 0/1 integer\) array, got dtype float32"):
     bn(mask=np.ones((8, 3), np.float32))
 
 
-def test_single_element_per_feature_without_sync():
-  with pytest.raises(ValueError, match="x: training needs more than one value per feature"):
-    bn(np.ones((1, 3), np.float32))
-  # Inference, or a synced batch, is fine with one element per device.
-  bn(np.ones((1, 3), np.float32), training=False)
-  y = jax.vmap(lambda x: bn(x, axis_name="b")[0], axis_name="b")(np.arange(6.0, dtype=np.float32).reshape(2, 1, 3))
-  assert np.all(np.isfinite(y))
-
-
 def test_unbound_axis_name_says_which_transform():
-  with pytest.raises(ValueError, match=r"axis_name: 'batch' is not bound.*jax.pmap.*jax.vmap.*jax.shard_map"):
-    bn(axis_name="batch")
-  with pytest.raises(ValueError, match="axis_name: 'batch' is not bound"):
+  # A NameError (what flax and equinox raise, and users catch) and a ValueError.
+  for error in (NameError, ValueError):
+    with pytest.raises(error, match=r"axis_name: 'batch' is not bound.*jax.pmap.*jax.vmap.*jax.shard_map"):
+      bn(axis_name="batch")
+  with pytest.raises(NameError, match="axis_name: 'batch' is not bound"):
     jax.jit(lambda x: jaxbn.moments(x, axis_name="batch"))(X)
-  with pytest.raises(ValueError, match="axis_name: 'batch' is not bound"):
+  with pytest.raises(NameError, match="axis_name: 'batch' is not bound"):
     jaxbn.sync_batch_stats({"bn": STATS}, "batch")
+  with pytest.raises(NameError, match="axis_name: 'b' is not bound"):
+    jax.vmap(lambda x: bn(x, axis_name=("a", "b"))[0], axis_name="a")(np.ones((2, 4, 3), np.float32))
+  with pytest.raises(NameError, match="'batch' is not bound"):
+    jaxbn.BatchNorm(use_running_average=False, axis_name="batch").apply(
+        {"params": {"scale": np.ones(3), "bias": np.zeros(3)}, "batch_stats": STATS}, X,
+        mutable=["batch_stats"])
 
 
 def test_module_errors_name_the_argument():
-  with pytest.raises(TypeError, match="x: expected a floating-point"):
-    jaxbn.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones((4, 3), jnp.int32))
+  with pytest.raises(TypeError, match="x: expected a numeric array"):
+    jaxbn.BatchNorm(use_running_average=False).init(jax.random.key(0), np.full((4, 3), "a"))
   with pytest.raises(ValueError, match="momentum"):
     jaxbn.BatchNorm(use_running_average=False, momentum=2.0).init(jax.random.key(0), X)
   from flax import nnx
