@@ -35,9 +35,10 @@ class BatchNorm(nn.Module):
     unbiased: update the running variance with n/(n-1) * batch variance.
     skip_nonfinite: keep the running statistics of a feature whose batch
       statistics are not finite.
-  `use_fast_variance` and `force_float32_reductions` are accepted so that
-  configurations written for flax load unchanged; jaxbn always reduces in
-  (at least) float32 with its stable single pass.
+  `use_fast_variance` is accepted so that configurations written for flax
+  load unchanged; jaxbn always uses its stable single pass. With
+  `force_float32_reductions=False` the running statistics are stored in
+  `param_dtype`, as flax stores them (jaxbn still reduces in float32).
   """
 
   use_running_average: bool | None = None
@@ -72,8 +73,9 @@ class BatchNorm(nn.Module):
     faxes = functional.feature_axes(x.ndim, self.axis)
     fshape = tuple(x.shape[a] for a in faxes)
 
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, fshape, jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, fshape, jnp.float32)
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, fshape, stats_dtype)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, fshape, stats_dtype)
     params = {}
     if self.use_scale:
       params["scale"] = self.param("scale", self.scale_init, fshape, self.param_dtype)

@@ -1,13 +1,14 @@
 """`jaxbn.nnx.BatchNorm`: a drop-in replacement for `flax.nnx.BatchNorm`.
 
-Same constructor, attributes (`scale`, `bias` params; `mean`, `var` batch
-stats), call signature and dtypes as flax's module; the math is
-`jaxbn.batch_norm`.
+Same constructor (every argument of flax 0.12.8's), attributes (`scale`,
+`bias` params; `mean`, `var` batch stats), call signature, `nnx.view`
+support and dtypes as flax's module; the math is `jaxbn.batch_norm`.
 """
 
 from __future__ import annotations
 
 import typing as tp
+from types import MappingProxyType
 
 import jax.numpy as jnp
 from flax import nnx
@@ -27,9 +28,14 @@ class BatchNorm(nnx.Module):
   `axis_name`, statistics are those of the whole cross-replica batch. See
   `jaxbn.batch_norm` for the full semantics.
 
-  Arguments: as `flax.nnx.BatchNorm`, plus `unbiased` and `skip_nonfinite`
-  (see `jaxbn.batch_norm`). `use_fast_variance` is accepted for
-  compatibility; jaxbn always uses its stable single pass.
+  Arguments: every argument of `flax.nnx.BatchNorm`, with flax's meaning
+  (`promote_dtype` promotes `(x, mean, var, scale, bias)`; `scale_metadata`
+  and `bias_metadata` go to the `nnx.Param`s), plus
+    force_float32_reductions: as in `flax.linen.BatchNorm`: False stores the
+      running statistics in `param_dtype`.
+    unbiased, skip_nonfinite: see `jaxbn.batch_norm`.
+  `use_fast_variance` is accepted for compatibility; jaxbn always uses its
+  stable single pass.
   """
 
   def __init__(
@@ -49,16 +55,23 @@ class BatchNorm(nnx.Module):
       axis_name: tp.Any = None,
       axis_index_groups: tp.Any = None,
       use_fast_variance: bool = True,
+      promote_dtype: tp.Callable[..., tp.Any] = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+      scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+      force_float32_reductions: bool = True,
       unbiased: bool = False,
       skip_nonfinite: bool = True,
-      rngs: nnx.Rngs,
   ):
     feature_shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-    self.scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype))
+    stats_dtype = jnp.float32 if force_float32_reductions else param_dtype
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, stats_dtype))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, stats_dtype))
+    # One key per created parameter, in flax's order, so that the layers
+    # after this one initialize exactly as they would after flax's.
+    self.scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
                   if use_scale else nnx.data(None))
-    self.bias = (nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
                  if use_bias else nnx.data(None))
     self.num_features = num_features
     self.use_running_average = use_running_average
@@ -72,6 +85,8 @@ class BatchNorm(nnx.Module):
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.force_float32_reductions = force_float32_reductions
     self.unbiased = unbiased
     self.skip_nonfinite = skip_nonfinite
 
@@ -82,18 +97,22 @@ class BatchNorm(nnx.Module):
     if use_running_average is None:
       raise ValueError(
           "use_running_average: not given to BatchNorm's constructor nor its call; "
-          "pass True (inference) or False (training) to either.")
+          "pass True (inference) or False (training) to either, or use "
+          "nnx.view(model, use_running_average=...).")
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    x, mean, var, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
     x = functional._check_input(x)
-    params = {}
-    if self.scale is not None:
-      params["scale"] = self.scale[...]
-    if self.bias is not None:
-      params["bias"] = self.bias[...]
-    # flax.nnx promotes the input with the statistics and parameters.
-    out_dtype = dtypes.canonicalize_dtype(
-        x, self.mean[...], self.var[...], *params.values(), dtype=self.dtype)
+    params = {name: value for name, value in (("scale", scale), ("bias", bias))
+              if value is not None}
+    # flax.nnx's output dtype: the (promoted) input and parameters, or `dtype`.
+    out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
+    # Training updates the stored statistics; inference reads them promoted.
+    stats = ({"mean": self.mean[...], "var": self.var[...]} if not use_running_average
+             else {"mean": mean, "var": var})
     y, new_stats = functional.batch_norm(
-        x, params, {"mean": self.mean[...], "var": self.var[...]},
+        x, params, stats,
         training=not use_running_average,
         axis=self.axis,
         momentum=self.momentum,
@@ -111,6 +130,11 @@ class BatchNorm(nnx.Module):
     return y
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by `nnx.view` (and `Module.eval()` / `.train()`)."""
+    """Class method used by ``nnx.view`` (and ``Module.eval()`` / ``.train()``).
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
