@@ -323,10 +323,16 @@ def _normalize(x, mean, inv, scale, bias, faxes, out_dtype):
   return y.astype(out_dtype)
 
 
+def _batch_inv_std(stats: Moments, epsilon):
+  """1/sqrt(var + eps); 0 for a feature with no valid element, whose
+  normalized value is then 0 (y = bias), as for a batch of one."""
+  return jnp.where(stats.count > 0, lax.rsqrt(stats.var + epsilon), 0)
+
+
 def _train_primal(cfg, x, scale, bias, mask):
   faxes, epsilon, axis_name, groups, out_dtype = cfg
   stats = _moments(x, mask, faxes, axis_name, groups)
-  inv = lax.rsqrt(stats.var + epsilon)
+  inv = _batch_inv_std(stats, epsilon)
   return _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype), stats
 
 
@@ -353,7 +359,7 @@ def _train_jvp(cfg, primals, tangents):
   dtype = _stat_dtype(x.dtype)
   raxes = _reduction_axes(x.ndim, faxes)
   e = lambda v: _expand(v, x.ndim, faxes)
-  inv = lax.rsqrt(stats.var + epsilon)
+  inv = _batch_inv_std(stats, epsilon)
   xhat = (x.astype(dtype) - e(stats.mean)) * e(inv)
   valid = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0))
 
@@ -367,7 +373,7 @@ def _train_jvp(cfg, primals, tangents):
     safe = jnp.maximum(stats.count, 1)
     dmean = jnp.where(stats.count > 0, total[0] / safe, 0)
     dproj = total[1].real / safe
-    dvar = 2 * dproj / inv
+    dvar = 2 * dproj * jnp.sqrt(stats.var + epsilon)
     a = scale.astype(dtype) * inv
     dy = e(a) * dx.astype(dtype) - e(a * dmean) - xhat * e(a * dproj)
   if not _is_zero(dscale):
@@ -440,7 +446,8 @@ def batch_norm(
     axis_index_groups: sync only within these replica groups.
     mask: boolean (or 0/1 integer), broadcastable to x: the elements that
       count. Every element is normalized; only valid ones enter the
-      statistics. A feature with no valid element has mean 0 and variance 0.
+      statistics. A feature with no valid element outputs `bias` (its
+      normalized value is 0) and keeps its running statistics.
     unbiased: update the running variance with n/(n-1) * var_B (Algorithm 2,
       PyTorch) instead of var_B.
     skip_nonfinite: keep a feature's running statistics unchanged when its
