@@ -202,7 +202,7 @@ def _expand(v: jax.Array, ndim: int, faxes: tuple[int, ...]) -> jax.Array:
 
 
 def _shifted_moments(x, mask, faxes):
-  """(count, mean, M2) in one pass, shifted by each feature's first sample.
+  """(count, mean, M2, shift) in one pass, shifted by each feature's first sample.
 
   Sums of (x - shift) do not cancel catastrophically when |mean| >> std.
   For complex x, M2 is the real sum of |x - mean|^2.
@@ -224,7 +224,7 @@ def _shifted_moments(x, mask, faxes):
   s1 = jnp.sum(d, raxes)
   s2 = jnp.sum(_abs_sq(d), raxes)
   safe = jnp.maximum(count, 1)
-  return count, first + s1 / safe, jnp.maximum(s2 - _abs_sq(s1) / safe, 0)
+  return count, first + s1 / safe, jnp.maximum(s2 - _abs_sq(s1) / safe, 0), first
 
 
 def _combine(count, mean, m2):
@@ -262,7 +262,12 @@ def _gather_replicas(value, axis_name, axis_index_groups):
 
 
 def _moments(x, mask, faxes, axis_name, axis_index_groups) -> Moments:
-  count, mean, m2 = _shifted_moments(x, mask, faxes)
+  return _moments_and_shift(x, mask, faxes, axis_name, axis_index_groups)[0]
+
+
+def _moments_and_shift(x, mask, faxes, axis_name, axis_index_groups) -> tuple[Moments, jax.Array]:
+  """The batch's Moments and this replica's shift (see _shifted_moments)."""
+  count, mean, m2, shift = _shifted_moments(x, mask, faxes)
   if axis_name is not None:
     # Every replica's (count, mean, M2), combined exactly. Empty slots of a
     # smaller group have count 0 and weigh nothing.
@@ -271,7 +276,7 @@ def _moments(x, mask, faxes, axis_name, axis_index_groups) -> Moments:
     count, mean, m2 = _combine(gathered[:, 0].real, gathered[:, 1], gathered[:, 2].real)
   var = m2 / jnp.maximum(count, 1)
   mean = jnp.where(count > 0, mean, 0)
-  return Moments(count, mean, var)
+  return Moments(count, mean, var), shift
 
 
 def _canonical_groups(axis_index_groups):
@@ -351,35 +356,54 @@ def _train_jvp(cfg, primals, tangents):
   dx = a/m (m g - Σg - xhat Σ(g xhat)); both means cross replicas in one psum,
   so a synced layer costs one collective forward (the statistics) and one
   backward. Forward mode (jvp, jacfwd, linearize) uses it directly.
+
+  xhat is written as (d - offset) / sigma with d = x - shift, the array the
+  statistics pass already made: the backward's sums Σg and Σg·d then need no
+  new full-size temporary, and offset = mu - shift is of the order of sigma
+  (the shift is a sample of the feature), so nothing cancels.
   """
   faxes, epsilon, axis_name, groups, out_dtype = cfg
   x, scale, bias, mask = primals
   dx, dscale, dbias, _ = tangents
-  (y, stats) = _train_primal(cfg, x, scale, bias, mask)
+  stats, shift = _moments_and_shift(x, mask, faxes, axis_name, groups)
+  inv = _batch_inv_std(stats, epsilon)
+  y = _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype)
   dtype = _stat_dtype(x.dtype)
   raxes = _reduction_axes(x.ndim, faxes)
   e = lambda v: _expand(v, x.ndim, faxes)
-  inv = _batch_inv_std(stats, epsilon)
-  xhat = (x.astype(dtype) - e(stats.mean)) * e(inv)
   valid = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0))
+  d = x.astype(dtype) - e(shift)
+  offset = stats.mean - shift
+  a = scale.astype(dtype) * inv
 
-  dy = jnp.zeros((), dtype)
-  dmean = jnp.zeros_like(stats.mean)
-  dvar = jnp.zeros_like(stats.var)
+  # dy = a dx + c1 d + c0, with per-feature c0, c1 linear in the tangents.
+  dy, c0, c1 = 0, None, None  # None: no term
+  dmean, dvar = jnp.zeros_like(stats.mean), jnp.zeros_like(stats.var)
   if not _is_zero(dx):
-    dxs = valid(dx.astype(dtype))
-    local = jnp.stack([jnp.sum(dxs, raxes), jnp.sum(_real_dot(valid(xhat), dxs), raxes)])
+    dxs = dx.astype(dtype)
+    dxv = valid(dxs)
+    sum_dx = jnp.sum(dxv, raxes)
+    # Σ Re(conj(x - mu) dx) on this replica (each replica has its own shift).
+    sum_centered = jnp.sum(_real_dot(valid(d), dxv), raxes) - _real_dot(offset, sum_dx)
+    local = jnp.stack([sum_dx, sum_centered.astype(sum_dx.dtype)])
     total = local if axis_name is None else lax.psum(local, axis_name, axis_index_groups=groups)
     safe = jnp.maximum(stats.count, 1)
     dmean = jnp.where(stats.count > 0, total[0] / safe, 0)
-    dproj = total[1].real / safe
+    dproj = inv * total[1].real / safe  # mean(Re(conj(xhat) dx))
     dvar = 2 * dproj * jnp.sqrt(stats.var + epsilon)
-    a = scale.astype(dtype) * inv
-    dy = e(a) * dx.astype(dtype) - e(a * dmean) - xhat * e(a * dproj)
+    dy = e(a) * dxs
+    c1 = -a * inv * dproj
+    c0 = a * inv * dproj * offset - a * dmean
   if not _is_zero(dscale):
-    dy = dy + xhat * e(dscale.astype(dtype))
+    ds = dscale.astype(dtype)
+    c1 = inv * ds if c1 is None else c1 + inv * ds
+    c0 = -inv * ds * offset if c0 is None else c0 - inv * ds * offset
   if not _is_zero(dbias):
-    dy = dy + e(dbias.astype(dtype))
+    c0 = dbias.astype(dtype) if c0 is None else c0 + dbias.astype(dtype)
+  if c1 is not None:
+    dy = dy + d * e(c1)
+  if c0 is not None:
+    dy = dy + e(c0)
   dy = jnp.broadcast_to(dy, y.shape).astype(y.dtype)
   return (y, stats), (dy, Moments(jnp.zeros_like(stats.count), dmean, dvar))
 
