@@ -68,9 +68,26 @@ def table(rows: list[dict], columns: list[str]) -> str:
   return "\n".join(lines)
 
 
+def malloc_tuning() -> dict:
+  """glibc malloc variables set for this process (none in the environment users have)."""
+  return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+
+def result_path(name: str, platform: str | None = None, tuned: bool | None = None) -> Path:
+  """results/NAME[.PLATFORM][.tuned-malloc].json: CPU runs in the default
+  environment keep the plain name; other devices and tuned runs never
+  overwrite them."""
+  platform = jax.devices()[0].platform if platform is None else platform
+  tuned = bool(malloc_tuning()) if tuned is None else tuned
+  parts = [name] + ([platform] if platform != "cpu" else []) + (["tuned-malloc"] if tuned else [])
+  return RESULTS / (".".join(parts) + ".json")
+
+
 def save(name: str, rows: list[dict], command: str) -> Path:
   RESULTS.mkdir(exist_ok=True)
-  path = RESULTS / f"{name}.json"
-  path.write_text(json.dumps({"command": command, "commit": commit(), "machine": machine(),
+  path = result_path(name)
+  env = " ".join(f"{k}={v}" for k, v in malloc_tuning().items())
+  path.write_text(json.dumps({"command": f"{env} {command}".strip(), "commit": commit(),
+                              "machine": machine(), "malloc_tuning": malloc_tuning(),
                               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows}, indent=2) + "\n")
   return path
