@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Moments", "moments", "batch_norm", "feature_axes", "UnboundAxisNameError"]
+__all__ = ["Moments", "moments", "batch_norm", "combine_groups", "feature_axes", "UnboundAxisNameError"]
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -212,13 +212,13 @@ def _shifted_moments(x, mask, faxes):
   real = _real_dtype(dtype)
   xs = x.astype(dtype)
   first_index = tuple(0 if a in raxes else slice(None) for a in range(x.ndim))
-  first = lax.stop_gradient(xs[first_index])
+  first = lax.stop_gradient(_take(xs, first_index))
   if mask is None:
     count = jnp.full(first.shape, math.prod(x.shape[a] for a in raxes), real)
     d = xs - _expand(first, x.ndim, faxes)
   else:
     m = jnp.broadcast_to(mask, x.shape)
-    first = jnp.where(m[first_index], first, 0)
+    first = jnp.where(_take(m, first_index), first, 0)
     count = jnp.sum(m, raxes, dtype=real)
     d = jnp.where(m, xs - _expand(first, x.ndim, faxes), 0)
   s1 = jnp.sum(d, raxes)
@@ -285,12 +285,71 @@ def _canonical_groups(axis_index_groups):
   return tuple(tuple(int(i) for i in group) for group in axis_index_groups)
 
 
+def _group_batch(x, mask, faxes, batch_groups, batch_axis, axis_name):
+  """Splits the batch axis into (batch_groups, examples per group).
+
+  Returns x and mask reshaped, and the feature axes with the new group axis
+  among them, so that the statistics of each group are per-"feature" ones.
+  Under jit with the batch sharded over a mesh axis of batch_groups devices,
+  each group is one device's shard and its statistics need no collective.
+  """
+  if isinstance(batch_groups, bool) or not isinstance(batch_groups, numbers.Integral) or batch_groups < 1:
+    raise ValueError(f"batch_groups: expected a positive integer or None, got {batch_groups!r}.")
+  if axis_name is not None:
+    raise ValueError(
+        "batch_groups: statistics per group of examples cannot be combined with axis_name "
+        f"(got axis_name={axis_name!r}); use one or the other.")
+  if not isinstance(batch_axis, numbers.Integral) or not -x.ndim <= batch_axis < x.ndim:
+    raise ValueError(f"batch_axis: expected an axis of the rank-{x.ndim} input, got {batch_axis!r}.")
+  b = int(batch_axis) % x.ndim
+  if b in faxes or any(f < b for f in faxes):
+    raise ValueError(f"batch_axis: expected an axis before every feature axis {faxes}, got {batch_axis}.")
+  n = x.shape[b]
+  if n % batch_groups:
+    raise ValueError(
+        f"batch_groups: the batch axis {b} has {n} examples, which do not split into "
+        f"{batch_groups} equal groups.")
+  shape = x.shape[:b] + (batch_groups, n // batch_groups) + x.shape[b + 1:]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, x.shape).reshape(shape)
+  return x.reshape(shape), mask, (b,) + tuple(f + 1 for f in faxes)
+
+
+def groups_of(stats: dict[str, Any], feature_shape) -> int:
+  """The number of groups that per-group running statistics hold (their leading axis)."""
+  shape = jnp.shape(stats["mean"])
+  if len(shape) != len(feature_shape) + 1 or tuple(shape[1:]) != tuple(feature_shape):
+    raise ValueError(
+        f'stats["mean"]: expected one row per group, shape (groups, *{tuple(feature_shape)}), '
+        f"got {shape}.")
+  return shape[0]
+
+
+def combine_groups(stats: dict[str, Any]) -> dict[str, jax.Array]:
+  """One set of running statistics from per-group (or per-device) ones.
+
+  `stats["mean"]`, `stats["var"]` carry the groups on the leading axis:
+
+      mean = mean over groups of mean_g
+      var  = mean over groups of var_g + variance over groups of mean_g
+
+  (the law of total variance: the spread of the group means is part of the
+  variance of the pooled data).
+  """
+  mean = jnp.mean(stats["mean"], 0)
+  spread = jnp.mean(_abs_sq(stats["mean"] - mean), 0)
+  return {"mean": mean, "var": jnp.mean(stats["var"], 0) + spread.astype(stats["var"].dtype)}
+
+
 def moments(
     x,
     axis: int | Sequence[int] = -1,
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask=None,
+    *,
+    batch_groups: int | None = None,
+    batch_axis: int = 0,
 ) -> Moments:
   """Exact per-feature count, mean and biased variance of a batch.
 
@@ -302,6 +361,9 @@ def moments(
     axis_index_groups: reduce only within these replica groups.
     mask: boolean (or 0/1 integer) array broadcastable to x; False elements
       are not counted.
+    batch_groups: statistics per group of consecutive examples along
+      `batch_axis` (see `batch_norm`); the results then have a leading group axis.
+    batch_axis: the axis that `batch_groups` splits.
 
   Returns:
     `Moments(count, mean, var)`, each of the feature shape, in float32
@@ -311,6 +373,8 @@ def moments(
   x = _check_input(x)
   faxes = feature_axes(x.ndim, axis)
   mask = _check_mask(mask, x.shape)
+  if batch_groups is not None:
+    x, mask, faxes = _group_batch(x, mask, faxes, batch_groups, batch_axis, axis_name)
   if axis_name is not None:
     _check_axis_name(axis_name)
   return _moments(x, mask, faxes, axis_name, _canonical_groups(axis_index_groups))
@@ -434,6 +498,8 @@ def batch_norm(
     unbiased: bool = False,
     skip_nonfinite: bool = True,
     dtype=None,
+    batch_groups: int | None = None,
+    batch_axis: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Batch Normalization as a pure function: returns `(y, new_stats)`.
 
@@ -479,6 +545,18 @@ def batch_norm(
       valid element, instead of writing NaN into them. The output still shows
       the non-finite values.
     dtype: output dtype; None keeps x.dtype.
+    batch_groups: None, or split `batch_axis` into this many groups of
+      consecutive examples and normalize each group with its own statistics
+      (ghost / virtual BN). Under `jax.jit` with the batch sharded over G
+      devices, `batch_groups=G` is per-device BN: each device's shard is one
+      group and no collective is needed (a plain reduction over a sharded
+      batch is global: XLA inserts the all-reduce). `stats` then holds one set
+      of running statistics per group, shape (G, *feature_shape) (a
+      feature-shaped one is broadcast), and each group updates its own, as
+      each device does in pmap's per-device mode; `jaxbn.functional.combine_groups` (or
+      `sync_batch_stats`) pools them before evaluation. In inference,
+      per-group `stats` are pooled the same way.
+    batch_axis: the axis `batch_groups` splits (before every feature axis).
 
   Returns:
     `(y, new_stats)`; running statistics carry no gradient.
@@ -486,6 +564,11 @@ def batch_norm(
   x = _check_input(x)
   faxes = feature_axes(x.ndim, axis)
   fshape = tuple(x.shape[a] for a in faxes)
+  if batch_groups is not None:
+    return _grouped_batch_norm(x, params, stats, faxes, training=training, momentum=momentum,
+                               epsilon=epsilon, axis_name=axis_name, mask=mask, unbiased=unbiased,
+                               skip_nonfinite=skip_nonfinite, dtype=dtype,
+                               batch_groups=batch_groups, batch_axis=batch_axis)
   _check_hyperparameters(momentum, epsilon)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
     raise ValueError(
@@ -534,3 +617,54 @@ def batch_norm(
   new_stats = {"mean": new_mean.astype(mean_dtype),
                "var": new_var.astype(running_var.dtype)}
   return y, new_stats
+
+
+def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batch_axis,
+                        axis_name, mask, **kwargs):
+  """batch_norm with statistics per group of examples: the group axis becomes
+  one more feature axis, and parameters and running statistics are broadcast
+  over it."""
+  fshape = tuple(x.shape[a] for a in faxes)
+  gshape = (batch_groups,) + fshape
+  if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
+    return batch_norm(x, params, stats, training=training, axis=faxes, **kwargs)  # its error
+  for key in ("mean", "var"):
+    if jnp.shape(stats[key]) not in (fshape, gshape):
+      raise ValueError(
+          f'stats["{key}"]: expected shape {fshape} or, one set per group, {gshape}; '
+          f"got {jnp.shape(stats[key])}.")
+  if not training:
+    pooled = combine_groups(stats) if jnp.shape(stats["mean"]) == gshape else stats
+    return batch_norm(x, params, pooled, training=False, axis=faxes, **kwargs)[0], stats
+  xg, mask, gaxes = _group_batch(x, None if mask is None else _check_mask(mask, x.shape), faxes,
+                                 batch_groups, batch_axis, axis_name)
+  # Under explicit sharding, per-group values follow the batch's sharding.
+  group_spec = _explicit_spec(xg, gaxes[0])
+  def widen(v):
+    v = jnp.broadcast_to(jnp.asarray(v), gshape)
+    return v if group_spec is None else jax.sharding.reshard(v, group_spec)
+  params = None if params is None else {k: widen(v) if jnp.shape(v) == fshape else v
+                                        for k, v in params.items()}
+  y, new_stats = batch_norm(xg, params, {k: widen(v) for k, v in stats.items()},
+                            training=True, axis=gaxes, mask=mask, **kwargs)
+  return y.reshape(x.shape), new_stats
+
+
+def _explicit_spec(x, axis):
+  """PartitionSpec (axis's entry, None, ...) when x is sharded over explicit mesh axes."""
+  if not jax.sharding.get_abstract_mesh().explicit_axes:
+    return None
+  entry = jax.typeof(x).sharding.spec[axis]
+  return None if entry is None else jax.sharding.PartitionSpec(entry)
+
+
+def _take(x, index):
+  """x[index] for a tuple of ints and full slices, also where an indexed axis
+  is sharded over explicit mesh axes (JAX cannot slice one sample out of a
+  sharded axis there): then in auto mode, where XLA fetches that sample."""
+  if jax.sharding.get_abstract_mesh().explicit_axes:
+    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    if any(spec[a] is not None for a, i in enumerate(index) if not isinstance(i, slice)):
+      out = jax.sharding.PartitionSpec(*(spec[a] for a, i in enumerate(index) if isinstance(i, slice)))
+      return jax.sharding.auto_axes(lambda v: v[index], out_sharding=out)(x)
+  return x[index]

@@ -35,6 +35,12 @@ class BatchNorm(nn.Module):
     unbiased: update the running variance with n/(n-1) * batch variance.
     skip_nonfinite: keep the running statistics of a feature whose batch
       statistics are not finite.
+    batch_groups: statistics per group of consecutive examples (ghost BN);
+      under `jax.jit` with the batch sharded over G devices, G groups is
+      per-device BN without a collective. The running statistics then hold
+      one set per group, shape (G, features); a call uses as many groups as
+      the rows it sees (under `shard_map` with the statistics sharded over
+      the devices: this device's groups). See `jaxbn.batch_norm`.
   `use_fast_variance` is accepted so that configurations written for flax
   load unchanged; jaxbn always uses its stable single pass. With
   `force_float32_reductions=False` the running statistics are stored in
@@ -57,6 +63,7 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
   unbiased: bool = False
   skip_nonfinite: bool = True
+  batch_groups: int | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
@@ -74,8 +81,9 @@ class BatchNorm(nn.Module):
     fshape = tuple(x.shape[a] for a in faxes)
 
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, fshape, stats_dtype)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, fshape, stats_dtype)
+    stats_shape = fshape if self.batch_groups is None else (self.batch_groups, *fshape)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, stats_shape, stats_dtype)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, stats_shape, stats_dtype)
     params = {}
     if self.use_scale:
       params["scale"] = self.param("scale", self.scale_init, fshape, self.param_dtype)
@@ -85,8 +93,13 @@ class BatchNorm(nn.Module):
     out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
 
     initializing = self.is_initializing()
+    stats = {"mean": ra_mean.value, "var": ra_var.value}
+    groups = functional.groups_of(stats, fshape) if self.batch_groups is not None else None
+    if initializing and groups is not None:
+      # init takes a batch of any size (often one example) and keeps the statistics.
+      stats, groups = functional.combine_groups(stats), None
     y, new_stats = functional.batch_norm(
-        x, params, {"mean": ra_mean.value, "var": ra_var.value},
+        x, params, stats,
         training=not use_running_average,
         axis=faxes,
         momentum=self.momentum,
@@ -98,6 +111,7 @@ class BatchNorm(nn.Module):
         unbiased=self.unbiased,
         skip_nonfinite=self.skip_nonfinite,
         dtype=out_dtype,
+        batch_groups=groups,
     )
     if not use_running_average and not initializing:
       ra_mean.value = new_stats["mean"]

@@ -34,6 +34,11 @@ class BatchNorm(nnx.Module):
     force_float32_reductions: as in `flax.linen.BatchNorm`: False stores the
       running statistics in `param_dtype`.
     unbiased, skip_nonfinite: see `jaxbn.batch_norm`.
+    batch_groups: statistics per group of consecutive examples; G groups
+      under `nnx.jit` with the batch sharded over G devices is per-device BN
+      without a collective. `mean`/`var` then hold one row per group, and a
+      call uses as many groups as rows it sees (inside `nnx.shard_map` with
+      the BatchStats sharded over the devices: this device's).
   `use_fast_variance` is accepted for compatibility; jaxbn always uses its
   stable single pass.
   """
@@ -62,11 +67,13 @@ class BatchNorm(nnx.Module):
       force_float32_reductions: bool = True,
       unbiased: bool = False,
       skip_nonfinite: bool = True,
+      batch_groups: int | None = None,
   ):
     feature_shape = (num_features,)
     stats_dtype = jnp.float32 if force_float32_reductions else param_dtype
-    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, stats_dtype))
-    self.var = nnx.BatchStat(jnp.ones(feature_shape, stats_dtype))
+    stats_shape = feature_shape if batch_groups is None else (batch_groups, num_features)
+    self.mean = nnx.BatchStat(jnp.zeros(stats_shape, stats_dtype))
+    self.var = nnx.BatchStat(jnp.ones(stats_shape, stats_dtype))
     # One key per created parameter, in flax's order, so that the layers
     # after this one initialize exactly as they would after flax's.
     self.scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
@@ -89,6 +96,7 @@ class BatchNorm(nnx.Module):
     self.force_float32_reductions = force_float32_reductions
     self.unbiased = unbiased
     self.skip_nonfinite = skip_nonfinite
+    self.batch_groups = batch_groups
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes `x`; `use_running_average` overrides the attribute."""
@@ -123,6 +131,8 @@ class BatchNorm(nnx.Module):
         unbiased=self.unbiased,
         skip_nonfinite=self.skip_nonfinite,
         dtype=out_dtype,
+        batch_groups=(functional.groups_of(stats, (self.num_features,))
+                      if self.batch_groups is not None else None),
     )
     if not use_running_average:
       self.mean[...] = new_stats["mean"]

@@ -46,15 +46,12 @@ def sync_batch_stats(batch_stats, axis_name=None, *, axis_index_groups=None):
   Args:
     batch_stats: nested dict of {"mean", "var"} dicts (Linen's 'batch_stats').
     axis_name: the device axis bound by pmap / shard_map / vmap; or None when
-      the arrays carry the devices on their leading axis (stacked on the
-      host), which the result then no longer has.
+      the arrays carry the devices (or the groups of `batch_groups`) on their
+      leading axis, which the result then no longer has.
     axis_index_groups: combine only within these device groups.
   """
   if axis_name is None:
-    def combine(s):
-      mean = jnp.mean(s["mean"], 0)
-      return {"mean": mean,
-              "var": jnp.mean(s["var"], 0) + jnp.mean(jnp.square(s["mean"] - mean), 0)}
+    combine = functional.combine_groups
   else:
     functional._check_axis_name(axis_name)
     def combine(s):
