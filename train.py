@@ -25,6 +25,9 @@ def parse_args(argv=None):
   parser.add_argument("--data-dir", help="TFDS data dir (prepared data is reused)")
   parser.add_argument("--model", choices=["mlp", "inception"])
   parser.add_argument("--bn", choices=["none", "per-device", "sync"])
+  parser.add_argument("--parallel", choices=["jit", "shard_map", "pmap"],
+                      help="how the step spans the devices: jax.jit over sharded arrays (default), "
+                           "jax.jit(jax.shard_map(...)) or jax.pmap")
   parser.add_argument("--devices", type=int, help="devices to use (on CPU: host devices to create)")
   parser.add_argument("--batch-size", type=int, help="per device")
   parser.add_argument("--steps", type=int)

@@ -2,7 +2,7 @@
 
     python benchmarks/train_steps.py [--rounds 10]
 
-Runs the training library's own pmapped multi-step chunk (one device, batches
+Runs the training library's own multi-step chunk, jitted (one device, batches
 drawn on device) for the paper's MLP (batch 60) and the Inception-style net
 (batch 32). BN's share of a step = (t_with_bn - t_without) / t_with_bn.
 """
@@ -44,11 +44,10 @@ def main(argv=None):
         norm = functools.partial(norm, momentum=0.99)
       model = MLP(norm=norm) if name == "mlp" else InceptionNet(norm=norm, width=config.width)
       optimizer = training.make_optimizer(config)
-      state = training.create_train_state(config, model, (28, 28))
-      chunk = jax.pmap(functools.partial(training.train_chunk, num_steps=STEPS[name], model=model,
-                                         optimizer=optimizer, seed=0, global_batch=batch),
-                       axis_name=training.AXIS, devices=device)
-      put = lambda a: jax.device_put(a[None], device[0])
+      state = training.create_train_state(config, (28, 28), model)
+      chunk = functools.partial(training.train_chunk, num_steps=STEPS[name], model=model,
+                                optimizer=optimizer, seed=0, global_batch=batch, num_devices=1, local=False)
+      put = lambda a: jax.device_put(a, device[0])
       fns[bn] = chunk
       fargs[bn] = (jax.tree.map(put, state), put(images), put(labels))
     times = common.time_interleaved(fns, fargs, rounds=args.rounds, inner=1)

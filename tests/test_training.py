@@ -1,4 +1,5 @@
-"""The training library: one pmapped step per BN mode, exact resume, several hosts."""
+"""The training library: one step per BN mode against one-device oracles, exact
+resume, evaluation of the whole test set, several hosts."""
 
 import functools
 import json
@@ -25,25 +26,29 @@ DEVICES, PER_DEVICE = 8, 4
 
 
 def _step_inputs(bn):
-  config = training.Config(model="mlp", bn=bn, lr=0.3, batch_size=PER_DEVICE, init_std=0.3)
+  config = training.Config(model="mlp", bn=bn, parallel="pmap", lr=0.3, batch_size=PER_DEVICE, init_std=0.3)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (DEVICES, PER_DEVICE, 28, 28)).astype(np.uint8)
   labels = rng.integers(0, 10, (DEVICES, PER_DEVICE)).astype(np.int32)
-  state = training.create_train_state(config, training.make_model(config), (28, 28))
+  state = training.create_train_state(config, (28, 28))
   return config, state, images, labels
 
 
 def _pmapped_step(config, state, images, labels):
-  model, optimizer = training.make_model(config), training.make_optimizer(config)
+  """One step under pmap, the state placed as train.py places it."""
+  model, optimizer = training.make_model(config, DEVICES), training.make_optimizer(config)
+  parallel = training.Parallel("pmap", jax.devices(), per_device_bn=config.bn == "per-device")
   step = jax.pmap(functools.partial(training.train_step, model=model, optimizer=optimizer,
-                                    dropout_key=jax.random.key(0)), axis_name=training.AXIS)
-  replicated = jax.tree.map(lambda a: np.broadcast_to(a, (DEVICES, *np.shape(a))), state)
-  return step(replicated, images, labels)
+                                    dropout_key=jax.random.key(0), local=True), axis_name=training.AXIS)
+  new, loss = step(parallel.put_state(state), images, labels)
+  if config.bn == "per-device":  # each device sees its own row of running statistics
+    new = new.replace(batch_stats=jax.tree.map(lambda a: a[:, 0], new.batch_stats))
+  return new, loss
 
 
 def _single_device_step(config, state, images, labels):
   """The oracle: the same model unsynced on one device, plain optax."""
-  model = training.make_model(config, synced=False)
+  model = training.make_model(config)  # no axis, no groups
 
   def loss_fn(params):
     (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats},
@@ -145,8 +150,8 @@ def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
                            "--eval-every", "40"))
   assert result.returncode == 0, result.stderr[-3000:]
   config = training.Config(**json.loads((out / "config.json").read_text()))
-  model = training.make_model(config, synced=False)
-  abstract = training.create_train_state(config, model, (28, 28))
+  model = training.make_model(config)
+  abstract = training.create_train_state(config, (28, 28))
   state = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
       40, args=ocp.args.StandardRestore(abstract))
   from jaxbn import data
@@ -168,7 +173,8 @@ def _free_port():
 
 
 def test_two_processes_equal_one_process(tmp_path, idx_dir):
-  """2 processes x 2 CPU devices (gloo on 127.0.0.1) == 1 process x 4 devices.
+  """2 processes x 2 CPU devices (gloo on 127.0.0.1) == 1 process x 4 devices,
+  in train.py's default parallel style (jax.jit over sharded arrays).
 
   gloo sums the gradient all-reduce in another order than the in-process
   collective (last-bit differences after one step, which training amplifies),
@@ -194,7 +200,7 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir):
       assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), key
   # Same running statistics at the end.
   config = training.Config(**json.loads((multi / "config.json").read_text()))
-  abstract = training.create_train_state(config, training.make_model(config), (28, 28))
+  abstract = training.create_train_state(config, (28, 28))
   restore = lambda out: ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
       20, args=ocp.args.StandardRestore(abstract))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),

@@ -1,0 +1,143 @@
+"""The host loop: devices, data placement, evaluation records, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from jaxbn import data as data_lib
+from jaxbn.training.config import Config
+from jaxbn.training.parallel import Parallel
+from jaxbn.training.state import create_train_state, make_model, make_optimizer
+
+PERCENTILES = (15, 50, 85)
+EVAL_CHUNK = 500  # test examples per device per evaluation step
+
+
+def setup_devices(config: Config, coordinator=None, num_processes=None, process_id=None,
+                  auto_detect=False):
+  """Starts JAX (several processes if asked) and returns this process's devices to use.
+
+  Several processes: pass the coordinator, or `auto_detect` to let JAX find
+  the cluster (SLURM, TPU pods, ...).
+  """
+  if config.devices:
+    jax.config.update("jax_num_cpu_devices", config.devices)
+  if auto_detect or coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  devices = jax.local_devices()
+  if config.devices:
+    if len(devices) < config.devices:
+      raise ValueError(f"devices: asked for {config.devices}, this process has {len(devices)}.")
+    devices = devices[:config.devices]
+  return devices
+
+
+def _split_test_set(images, labels, num_devices, chunk):
+  """Pads the test set to whole chunks per device; `valid` marks real examples.
+  Every array gets a leading axis of one entry per device."""
+  n = images.shape[0]
+  per_device = -(-n // (num_devices * chunk)) * chunk
+  total = per_device * num_devices
+  pad = lambda a: np.concatenate([a, np.zeros((total - n, *a.shape[1:]), a.dtype)])
+  valid = np.arange(total) < n
+  shape = lambda a: a.reshape(num_devices, per_device, *a.shape[1:])
+  return shape(pad(images)), shape(pad(labels)), shape(valid)
+
+
+class _Metrics:
+  """OUT/metrics.jsonl, one line per evaluation; on resume, cut to the checkpoint."""
+
+  def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+    self.path, self.enabled = path, enabled
+    if not enabled:
+      return
+    kept = []
+    if resume_step is not None and path.exists():
+      kept = [line for line in path.read_text().splitlines()
+              if line and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, record: dict):
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config: Config, devices=None) -> dict:
+  """Trains as configured; returns the last metrics record."""
+  devices = devices or setup_devices(config)
+  all_devices = devices if jax.process_count() == 1 else jax.devices()
+  num_devices = len(all_devices)
+  global_batch = config.batch_size * num_devices
+  primary = jax.process_index() == 0
+  out = Path(config.out)
+  out.mkdir(parents=True, exist_ok=True)
+
+  dataset = data_lib.load(config.dataset, data_dir=config.data_dir, idx_dir=config.idx_dir)
+  if global_batch > dataset.train_images.shape[0]:
+    raise ValueError(f"batch_size: {config.batch_size} x {num_devices} devices exceeds the training set.")
+  model, optimizer = make_model(config, num_devices), make_optimizer(config)
+  eval_model = make_model(config)  # reads the pooled running statistics
+  state = create_train_state(config, dataset.train_images.shape[1:])
+
+  checkpoints = ocp.CheckpointManager(
+      (out / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+  resume_step = None
+  if config.resume and checkpoints.latest_step() is not None:
+    resume_step = checkpoints.latest_step()
+    state = checkpoints.restore(resume_step, args=ocp.args.StandardRestore(state))
+  elif primary:
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+  metrics = _Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
+
+  parallel = Parallel(config.parallel, all_devices, per_device_bn=config.bn == "per-device")
+  state = parallel.put_state(state)
+  train_images, train_labels = parallel.replicate((dataset.train_images, dataset.train_labels))
+  test_host = _split_test_set(dataset.test_images, dataset.test_labels, num_devices, EVAL_CHUNK)
+  test = parallel.shard(test_host)
+  valid = test_host[2].reshape(-1)
+
+  step = int(resume_step or 0)
+  start_time, last = time.time(), None
+  show = config.progress if config.progress is not None else sys.stderr.isatty()
+  bar = tqdm(total=config.steps, initial=step, disable=not show or not primary)
+  while step < config.steps:
+    num_steps = min(config.eval_every - step % config.eval_every, config.steps - step)
+    chunk = parallel.train_chunk(state, num_steps, model=model, optimizer=optimizer, seed=config.seed,
+                                 global_batch=global_batch)
+    t0 = time.time()
+    state, train_loss = chunk(state, train_images, train_labels)
+    train_loss = float(np.asarray(train_loss.addressable_shards[0].data).reshape(-1)[0])  # waits
+    steps_per_sec = num_steps / (time.time() - t0)  # training only, not the evaluation below
+    step += num_steps
+    state = parallel.synchronize(state)
+    sums, tracked = parallel.evaluate(state, *test, model=eval_model, chunk=EVAL_CHUNK)
+    record = {"step": step, "train_loss": train_loss, "test_loss": sums["loss"] / sums["count"],
+              "test_accuracy": sums["correct"] / sums["count"],
+              "wall_time": time.time() - start_time,
+              "steps_per_sec": steps_per_sec}
+    if config.model == "mlp":
+      values = tracked[valid]
+      record.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))})
+    metrics.write(record)
+    bar.update(num_steps)
+    bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{train_loss:.4f}")
+    if step % config.checkpoint_every == 0 or step == config.steps:
+      checkpoints.save(step, args=ocp.args.StandardSave(parallel.portable_state(state)))
+    last = record
+  bar.close()
+  checkpoints.wait_until_finished()
+  return last

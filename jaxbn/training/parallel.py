@@ -1,0 +1,203 @@
+"""The one place that spans the training and evaluation steps over devices.
+
+Three styles, one run: `jit` (jax.jit over arrays sharded with NamedSharding
+on an Explicit mesh), `shard_map` (jax.jit(jax.shard_map(...))) and `pmap`.
+The host keeps the portable state (`state.TrainState`, one set of BN running
+statistics per layer); `put_state` places it for the style and
+`portable_state` brings it back. For per-device BN the running statistics
+carry one row per device while training, in every style:
+
+  jit        rows sharded over the mesh; BN's `batch_groups` makes each
+             device's shard of the batch one group (no collective);
+  shard_map  rows sharded over the mesh; each device sees its own row;
+  pmap       rows on the pmapped axis; each device sees its own row.
+
+`synchronize` pools the rows (law of total variance, `jaxbn.sync_batch_stats`)
+before every evaluation and checkpoint, in every style.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jaxbn
+from jaxbn.training import steps
+from jaxbn.training.state import AXIS, TrainState
+
+
+def _pool_rows(batch_stats):
+  """One row per device -> the pooled statistics of the feature shape."""
+  return jaxbn.sync_batch_stats(batch_stats)
+
+
+def _widen_rows(batch_stats, rows: int):
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (rows, *a.shape)), batch_stats)
+
+
+class Parallel:
+  """Places state and data and builds the parallel programs for one style."""
+
+  def __init__(self, style: str, devices, per_device_bn: bool):
+    self.style, self.per_device_bn = style, per_device_bn
+    self.local = style != "jit"
+    self.devices = list(devices)
+    self.num_devices = len(self.devices)
+    self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,), axis_types=(AxisType.Explicit,))
+    self._jitted = {}
+
+  # ---- placement ------------------------------------------------------------
+
+  def _put(self, tree, spec):
+    """Host arrays (every process holds all of them) -> global arrays."""
+    sharding = NamedSharding(self.mesh, spec)
+
+    def put(a):
+      a = np.asarray(a)
+      return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+    return jax.tree.map(put, tree)
+
+  def replicate(self, tree):
+    """The same value on every device (pmap: stacked on a leading axis)."""
+    if self.style == "pmap":
+      return self._put(jax.tree.map(lambda a: np.broadcast_to(a, (self.num_devices, *np.shape(a))), tree),
+                       P(AXIS))
+    return self._put(tree, P())
+
+  def shard(self, tree):
+    """Host arrays whose leading axis has one entry per device."""
+    return self._put(tree, P(AXIS))
+
+  def _stats_spec(self):
+    return P(AXIS) if self.per_device_bn else P()
+
+  def _state_specs(self, state):
+    return state.replace(
+        step=P(), params=jax.tree.map(lambda _: P(), state.params),
+        opt_state=jax.tree.map(lambda _: P(), state.opt_state),
+        batch_stats=jax.tree.map(lambda _: self._stats_spec(), state.batch_stats))
+
+  def put_state(self, state: TrainState) -> TrainState:
+    """The portable state, placed for this style."""
+    state = jax.tree.map(np.asarray, state)
+    stats = state.batch_stats
+    if self.per_device_bn:
+      stats = jax.tree.map(np.asarray, _widen_rows(stats, self.num_devices))
+    rest = state.replace(batch_stats={})
+    if self.style == "pmap":
+      if self.per_device_bn:  # each device sees its own row: shape (1, features)
+        stats = self.shard(jax.tree.map(lambda a: a[:, None], stats))
+      else:
+        stats = self.replicate(stats)
+    else:
+      stats = self._put(stats, self._stats_spec())
+    return self.replicate(rest).replace(batch_stats=stats)
+
+  def portable_state(self, state: TrainState) -> TrainState:
+    """Host copy of the state with pooled running statistics (call after
+    `synchronize`: then every device holds the same values)."""
+    if self.style == "pmap":
+      state = self._call("first", lambda s: jax.tree.map(lambda a: a[0], s), state)
+    if self.per_device_bn:
+      rows = (lambda s: jax.tree.map(lambda a: a[:, 0] if self.style == "pmap" else a, s))
+      state = state.replace(batch_stats=self._call("pool", lambda s: _pool_rows(rows(s)), state.batch_stats))
+    return jax.tree.map(_host, state)
+
+  # ---- programs -------------------------------------------------------------
+
+  def _call(self, name, fn, *args):
+    """A small jitted program on placed arrays (pmap's arrays carry no explicit mesh)."""
+    if name not in self._jitted:
+      self._jitted[name] = jax.jit(fn)
+    if self.style == "pmap":
+      return self._jitted[name](*args)
+    with jax.set_mesh(self.mesh):
+      return self._jitted[name](*args)
+
+  def _wrap(self, fn, in_specs, out_specs, donate=()):
+    """fn written per device (local=True) or globally (local=False) -> a parallel program."""
+    if self.style == "pmap":
+      devices = self.devices if jax.process_count() == 1 else None
+      return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=donate)
+    if self.style == "shard_map":
+      fn = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+    jitted = jax.jit(fn, donate_argnums=donate)
+
+    def run(*args):
+      with jax.set_mesh(self.mesh):
+        return jitted(*args)
+    return run
+
+  def train_chunk(self, state, num_steps: int, **kwargs):
+    """A program (state, images, labels) -> (state, mean loss) of num_steps steps."""
+    key = ("chunk", num_steps)
+    if key not in self._jitted:
+      specs = self._state_specs(state) if self.style == "shard_map" else None
+      fn = functools.partial(steps.train_chunk, num_steps=num_steps, num_devices=self.num_devices,
+                             local=self.local, **kwargs,
+                             batch_sharding=None if self.local else P(AXIS))
+      self._jitted[key] = self._wrap(fn, (specs, P(), P()), (specs, P()), donate=(0,))
+    return self._jitted[key]
+
+  def evaluate(self, state, images, labels, valid, *, model, chunk: int):
+    """Sums over the test set (host floats) and the tracked values of every example.
+
+    `model` is the portable one (`make_model(config)`): evaluation reads one
+    set of running statistics, the pooled one (call after `synchronize`).
+    """
+    if "eval" not in self._jitted:
+      def pooled(s):
+        if not self.per_device_bn:
+          return s
+        rows = (lambda a: a[0]) if self.local else (lambda a: a)  # local: this device's row
+        return s.replace(batch_stats=_pool_rows(jax.tree.map(rows, s.batch_stats)) if not self.local
+                         else jax.tree.map(rows, s.batch_stats))
+      if self.local:
+        def fn(s, *data):
+          if self.style == "shard_map":  # this device's (1, per_device, ...) share
+            data = tuple(d[0] for d in data)
+          sums, tracked = steps.eval_step(pooled(s), *data, model=model, chunk=chunk, local=True)
+          return sums, (tracked[None] if self.style == "shard_map" else tracked)
+        specs = self._state_specs(state) if self.style == "shard_map" else None
+        self._jitted["eval"] = self._wrap(fn, (specs, P(AXIS), P(AXIS), P(AXIS)), (P(), P(AXIS)))
+      else:  # under jit: every device's share at once, then the sums
+        def fn(s, *data):
+          per_device = jax.vmap(functools.partial(steps.eval_step, model=model, chunk=chunk, local=False),
+                                in_axes=(None, 0, 0, 0))
+          sums, tracked = per_device(pooled(s), *data)
+          return jax.tree.map(lambda a: a.sum(0), sums), tracked
+        self._jitted["eval"] = self._wrap(fn, None, None)
+    sums, tracked = self._jitted["eval"](state, images, labels, valid)
+    read = _host_first if self.style == "pmap" else _host
+    sums = jax.tree.map(lambda a: float(read(a)), sums)
+    return sums, np.asarray(multihost_utils.process_allgather(tracked, tiled=True)).reshape(-1)
+
+  def synchronize(self, state):
+    """Per-device BN: every device's running statistics := the pooled ones."""
+    if not self.per_device_bn:
+      return state
+    if self.style == "pmap":
+      if "sync" not in self._jitted:
+        self._jitted["sync"] = jax.pmap(
+            lambda s: s.replace(batch_stats=jaxbn.sync_batch_stats(s.batch_stats, AXIS)),
+            axis_name=AXIS, devices=self.devices if jax.process_count() == 1 else None)
+      return self._jitted["sync"](state)
+    pooled = lambda s: s.replace(batch_stats=_widen_rows(_pool_rows(s.batch_stats), self.num_devices))
+    synced = self._call("sync", pooled, state)
+    return synced.replace(batch_stats=self._call(
+        "reshard", lambda t: jax.sharding.reshard(t, P(AXIS)), synced.batch_stats))
+
+
+def _host(array) -> np.ndarray:
+  """A replicated global array's value, read on this process."""
+  return np.asarray(array.addressable_shards[0].data)
+
+
+def _host_first(array) -> np.ndarray:
+  """pmap: the value on this process's first device."""
+  return np.asarray(array.addressable_shards[0].data)[0]
