@@ -15,15 +15,16 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def time_interleaved(fns: dict, args: dict, rounds: int = 30, inner: int = 3) -> dict:
-  """Median seconds per call of each jitted fn, compilation excluded.
+def time_interleaved(fns: dict, args: dict, rounds: int = 30, inner: int = 3, jit: bool = True) -> dict:
+  """Median seconds per call of each fn (jitted here unless `jit=False`),
+  compilation excluded.
 
   The candidates run in turn within each round, so drifts of the machine
   (frequency, other load) touch all of them alike.
   """
   compiled = {}
   for name, fn in fns.items():
-    compiled[name] = jax.jit(fn)
+    compiled[name] = jax.jit(fn) if jit else fn
     jax.block_until_ready(compiled[name](*args[name]))  # compile and warm up
   samples = {name: [] for name in fns}
   for _ in range(rounds):

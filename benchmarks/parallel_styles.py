@@ -1,0 +1,124 @@
+"""Per-device and synced BN in every parallel style, on 8 host devices.
+
+    python benchmarks/parallel_styles.py [--rounds 10]
+
+1. Collectives per BN layer (one jaxbn.BatchNorm, training mode), counted in
+   the compiled program, forward and forward+backward (dL/dx only; a
+   replicated parameter's gradient needs its data-parallel all-reduce in any
+   style), for jit with a sharded batch, shard_map and pmap.
+2. Time per training step of the E3 MLP (sigmoid 784-100-100-100-10, batch 8
+   per device) through train.py's own training chunk, styles interleaved:
+   the training chunk only, no evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxbn  # noqa: E402
+from benchmarks import common  # noqa: E402
+from jaxbn import training  # noqa: E402
+
+STYLES, MODES = training.PARALLEL_STYLES, ("per-device", "sync")
+CHUNK_STEPS = 100
+
+
+def collectives(text: str) -> str:
+  ops = re.findall(r"= [^=]*? (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", text)
+  return ", ".join(f"{ops.count(op)} {op}" for op in sorted(set(ops))) or "none"
+
+
+def layer_programs(style: str, mode: str, devices):
+  """Compiled text of one BN layer, forward and forward+backward (dL/dx)."""
+  d, b, c = len(devices), 16, 64
+  x = np.random.default_rng(0).normal(size=(d * b, c)).astype(np.float32)
+  per_device = mode == "per-device"
+  kwargs = {"batch_groups": d} if per_device else ({} if style == "jit" else {"axis_name": training.AXIS})
+  layer = jaxbn.BatchNorm(use_running_average=False, **kwargs)
+  variables = layer.init(jax.random.key(0), x[:b])
+
+  def forward(variables, x):
+    return layer.apply(variables, x, mutable=["batch_stats"])
+
+  def backward(variables, x):
+    return jax.grad(lambda x: jnp.sum(forward(variables, x)[0] ** 2))(x)
+
+  mesh = jax.sharding.Mesh(np.array(devices), (training.AXIS,))
+  texts = []
+  for fn in (forward, backward):
+    if style == "pmap":
+      stack = lambda a: np.broadcast_to(a, (d, *a.shape))
+      # Per-device: each device sees its own row of the (devices, features) statistics.
+      stats = jax.tree.map(lambda a: a[:, None] if per_device else stack(a), variables["batch_stats"])
+      stacked = {"params": jax.tree.map(stack, variables["params"]), "batch_stats": stats}
+      texts.append(jax.pmap(fn, axis_name=training.AXIS).lower(stacked, x.reshape(d, b, c)).compile().as_text())
+      continue
+    with jax.set_mesh(mesh):
+      xs = jax.device_put(x, NamedSharding(mesh, P(training.AXIS)))
+      stats_spec = P(training.AXIS) if per_device else P()
+      placed = {"params": variables["params"],
+                "batch_stats": jax.device_put(variables["batch_stats"], NamedSharding(mesh, stats_spec))}
+      if style == "shard_map":
+        specs = {"params": P(), "batch_stats": stats_spec}
+        out = (P(training.AXIS), {"batch_stats": stats_spec}) if fn is forward else P(training.AXIS)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P(training.AXIS)), out_specs=out)
+      texts.append(jax.jit(fn).lower(placed, xs).compile().as_text())
+  return texts
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--rounds", type=int, default=10)
+  args = parser.parse_args(argv)
+  devices = jax.devices()
+  assert len(devices) == 8, len(devices)
+  rows = []
+  for mode in MODES:
+    for style in STYLES:
+      fwd, both = layer_programs(style, mode, devices)
+      rows.append({"BN": mode, "style": style, "collectives fwd": collectives(fwd),
+                   "collectives fwd+bwd (dx)": collectives(both)})
+  print(common.table(rows, list(rows[0])))
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6000, 28, 28)).astype(np.uint8)
+  labels = rng.integers(0, 10, 6000).astype(np.int32)
+  fns, fargs = {}, {}
+  for mode in MODES:
+    for style in STYLES:
+      config = training.Config(model="mlp", bn=mode, parallel=style, batch_size=8, lr=0.5)
+      parallel = training.Parallel(style, devices, per_device_bn=mode == "per-device")
+      state = parallel.put_state(training.create_train_state(config, (28, 28)))
+      chunk = parallel.train_chunk(state, CHUNK_STEPS, model=training.make_model(config, len(devices)),
+                                   optimizer=training.make_optimizer(config), seed=0, global_batch=8 * len(devices))
+      data = parallel.replicate((images, labels))
+      # Donation consumes the state: every call gets a fresh copy.
+      fns[f"{mode} {style}"] = lambda s, i, l, chunk=chunk: chunk(jax.tree.map(jnp.copy, s), i, l)
+      fargs[f"{mode} {style}"] = (state, *data)
+  times = common.time_interleaved(fns, fargs, rounds=args.rounds, inner=1, jit=False)
+  timing = []
+  for name, seconds in times.items():
+    mode, style = name.split()
+    timing.append({"BN": mode, "style": style, "ms/step": seconds / CHUNK_STEPS * 1e3,
+                   "vs pmap": seconds / times[f"{mode} pmap"]})
+  print()
+  print(common.table(timing, list(timing[0])))
+  path = common.save("parallel_styles", rows + timing,
+                     "python benchmarks/parallel_styles.py " + " ".join(argv or sys.argv[1:]))
+  print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+  main()
