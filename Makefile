@@ -51,5 +51,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/bn_layer.py
 	$(PY) benchmarks/synced.py
 	$(PY) benchmarks/train_steps.py
+	$(PY) benchmarks/parallel_styles.py
 	$(BENCH_TUNED_ENV) $(PY) benchmarks/bn_layer.py
 	$(PY) benchmarks/summary.py
