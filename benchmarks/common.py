@@ -20,15 +20,19 @@ def time_interleaved(fns: dict, args: dict, rounds: int = 30, inner: int = 3, ji
   compilation excluded.
 
   The candidates run in turn within each round, so drifts of the machine
-  (frequency, other load) touch all of them alike.
+  (frequency, other load) touch all of them alike, and each round starts
+  with the next candidate, so none always runs right after the same one
+  (on a CPU, freeing and page-faulting a neighbour's buffers is a cost).
   """
   compiled = {}
   for name, fn in fns.items():
     compiled[name] = jax.jit(fn) if jit else fn
     jax.block_until_ready(compiled[name](*args[name]))  # compile and warm up
   samples = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in compiled.items():
+  names = list(compiled)
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn = compiled[name]
       start = time.perf_counter()
       for _ in range(inner):
         out = fn(*args[name])

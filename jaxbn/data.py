@@ -16,15 +16,21 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import json
+import logging
 import os
+import shutil
+import socket
 import struct
+import urllib.parse
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["Dataset", "load", "read_idx", "DatasetNotFoundError", "SOURCES"]
+__all__ = ["Dataset", "load", "read_idx", "DatasetError", "DatasetNotFoundError", "SOURCES"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -67,7 +73,11 @@ SOURCES = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetError(ValueError):
+  """The data cannot be had or read; the message names the file or flag."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
   """No prepared data, no IDX files and no download: says how to get them."""
 
 
@@ -78,19 +88,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads an IDX file (plain or gzip): magic 0x0000TTNN, NN big-endian dims."""
   path = Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as error:  # corrupt or truncated gzip, unreadable file
+    raise DatasetError(f"{path}: cannot be read ({type(error).__name__}: {error}).") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
-    raise ValueError(f"{path}: not an IDX file (bad magic number).")
+    raise DatasetError(f"{path}: not an IDX file (bad magic number).")
   type_code, ndim = data[2], data[3]
   if type_code not in _IDX_DTYPES:
-    raise ValueError(f"{path}: unknown IDX element type 0x{type_code:02x}.")
+    raise DatasetError(f"{path}: unknown IDX element type 0x{type_code:02x}.")
   header = 4 + 4 * ndim
   shape = struct.unpack(f">{ndim}I", data[4:header])
   dtype = np.dtype(_IDX_DTYPES[type_code])
   expected = header + int(np.prod(shape)) * dtype.itemsize
   if len(data) != expected:
-    raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes), file has {len(data)}.")
+    raise DatasetError(f"{path}: IDX header says shape {shape} ({expected} bytes), file has {len(data)}.")
   return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -138,6 +151,8 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def local_idx_dir(self) -> Path | None:
     """The IDX directory to read, or None to download."""
+    if self._idx_dir and not Path(self._idx_dir).is_dir():
+      raise DatasetNotFoundError(f"--idx-dir: {self._idx_dir} is not a directory.")
     for directory in (self._idx_dir, self.SOURCE.local_dir):
       if directory and all(_find_idx(Path(directory), s) for pair in _FILES.values() for s in pair):
         return Path(directory)
@@ -153,21 +168,26 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     else:
       urls = {stem: self._url_base + stem + ".gz" for pair in _FILES.values() for stem in pair}
       try:
+        _reachable(self._url_base)  # fail in seconds offline, not after TFDS's retries
         files = dl_manager.download(urls)
       except Exception as error:  # no network, server down, ...
         raise DatasetNotFoundError(self._how_to_get(error)) from error
       for stem, path in files.items():
         expected, actual = self._checksums[stem + ".gz"], _sha256(Path(path))
         if expected != actual:
-          raise ValueError(f"{urls[stem]}: SHA-256 {actual} does not match the expected {expected}.")
+          raise DatasetError(f"{urls[stem]}: SHA-256 {actual} does not match the expected {expected}.")
       paths = {split: tuple(Path(files[s]) for s in stems) for split, stems in _FILES.items()}
     return {split: self._generate_examples(*pair) for split, pair in paths.items()}
 
   def _generate_examples(self, images_path, labels_path):
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-      raise ValueError(f"{images_path}, {labels_path}: expected (N, 28, 28) images and (N,) labels, "
-                       f"got {images.shape} and {labels.shape}.")
+      raise DatasetError(f"{images_path}, {labels_path}: expected (N, 28, 28) images and (N,) labels, "
+                         f"got {images.shape} and {labels.shape}.")
+    classes = len(self.SOURCE.class_names)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+      raise DatasetError(f"{labels_path}: labels must be 0..{classes - 1}, found {int(labels.min())}.."
+                         f"{int(labels.max())}.")
     for i, (image, label) in enumerate(zip(images, labels)):
       yield i, {"image": image, "label": int(label)}
 
@@ -209,10 +229,44 @@ def builder(name: str, data_dir: str | None = None, **kwargs) -> _IdxBuilder:
   return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
 
 
-def load(name: str, data_dir: str | None = None, idx_dir: str | None = None, **kwargs) -> Dataset:
-  """Prepares `name` (if not yet prepared in `data_dir`) and returns it whole."""
+def _reachable(url: str, timeout: float = 5.0) -> None:
+  """Raises OSError within `timeout` seconds when the download host is unreachable."""
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == "https" else 80)
+  socket.create_connection((parts.hostname, port), timeout=timeout).close()
+
+
+SOURCE_RECORD = "jaxbn_source.json"  # beside the prepared data: what it was built from
+
+
+def _idx_checksums(directory: Path) -> dict[str, str]:
+  return {stem: _sha256(_find_idx(directory, stem)) for pair in _FILES.values() for stem in pair}
+
+
+def load(name: str, data_dir: str | None = None, idx_dir: str | None = None, quiet: bool = True,
+         **kwargs) -> Dataset:
+  """Prepares `name` (if not yet prepared in `data_dir`) and returns it whole.
+
+  Data prepared before records the SHA-256 of the IDX files it was built
+  from; a given `idx_dir` with other files rebuilds it (it is never shadowed
+  by earlier data). `quiet`: no TFDS progress bars or log lines.
+  """
+  if quiet:
+    tfds.disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.WARNING)
   b = builder(name, data_dir, idx_dir=idx_dir, **kwargs)
+  record = Path(b.data_dir) / SOURCE_RECORD
+  wanted = None
+  if idx_dir is not None:
+    directory = b.local_idx_dir()  # raises for a missing directory or files
+    wanted = _idx_checksums(directory)
+    prepared = Path(b.data_dir) / "dataset_info.json"
+    if prepared.exists() and (not record.exists() or json.loads(record.read_text()) != wanted):
+      shutil.rmtree(b.data_dir)  # built from other files: rebuild from these
+      b = builder(name, data_dir, idx_dir=idx_dir, **kwargs)
   b.download_and_prepare()
+  if wanted is not None and not record.exists():
+    record.write_text(json.dumps(wanted, indent=2) + "\n")
   source = b.as_data_source()
 
   def read(split):

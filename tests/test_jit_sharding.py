@@ -41,6 +41,11 @@ def _mesh(mode):
   return jax.make_mesh((D,), ("data",), axis_types=(mode,))
 
 
+def _shard(mesh, a):
+  """(devices, per-device, features) -> the global batch, sharded over the devices."""
+  return jax.device_put(a.reshape(D * B, C), NamedSharding(mesh, P("data")))
+
+
 def _collectives(compiled_text):
   ops = re.findall(r"= [^=]*? (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
                    compiled_text)
@@ -63,7 +68,7 @@ def test_grouped_under_jit_equals_pmap_per_device(mode):
   x, g, _, scale, bias, stats = _data()
   mesh = _mesh(mode)
   with jax.set_mesh(mesh):
-    put = lambda a: jax.device_put(a.reshape(D * B, C), NamedSharding(mesh, P("data")))
+    put = lambda a: _shard(mesh, a)
     y, new, (dx, dscale, dbias) = jax.jit(_step(D))(put(x), put(g), scale, bias, stats)
   assert new["mean"].shape == (D, C)
 
@@ -86,7 +91,7 @@ def test_grouped_compiles_to_no_collective(mode):
   x, g, _, scale, bias, stats = _data()
   mesh = _mesh(mode)
   with jax.set_mesh(mesh):
-    put = lambda a: jax.device_put(a.reshape(D * B, C), NamedSharding(mesh, P("data")))
+    put = lambda a: _shard(mesh, a)
     args = (put(x), put(g), scale, bias, stats)
 
     def forward(x, g, scale, bias, stats):  # output and updated running statistics
@@ -109,7 +114,7 @@ def test_plain_bn_under_jit_is_the_global_batch(mode, masked):
   mask = mask if masked else None
   mesh = _mesh(mode)
   with jax.set_mesh(mesh):
-    put = lambda a: jax.device_put(a.reshape(D * B, C), NamedSharding(mesh, P("data")))
+    put = lambda a: _shard(mesh, a)
     m = None if mask is None else put(mask)
     y, new, (dx, dscale, dbias) = jax.jit(lambda *a: _step(None, m)(*a))(put(x), put(g), scale, bias, stats)
   flat = lambda a: None if a is None else a.reshape(D * B, C)
@@ -181,7 +186,7 @@ def test_linen_module_per_device_under_jit(mode):
   assert variables["batch_stats"]["mean"].shape == (D, C)
   mesh = _mesh(mode)
   with jax.set_mesh(mesh):
-    xs = jax.device_put(x.reshape(D * B, C), NamedSharding(mesh, P("data")))
+    xs = _shard(mesh, x)
     y, updates = jax.jit(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]))(variables, xs)
   updates = jax.tree.map(np.asarray, updates)
   plain = jaxbn.BatchNorm(use_running_average=False, momentum=0.9)
@@ -204,7 +209,7 @@ def test_flax_bn_under_jit_is_silently_global():
   layer = nn.BatchNorm(use_running_average=False)
   variables = layer.init(jax.random.key(0), x[0])
   with jax.set_mesh(mesh):
-    xs = jax.device_put(x.reshape(D * B, C), NamedSharding(mesh, P("data")))
+    xs = _shard(mesh, x)
     y, _ = jax.jit(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]))(variables, xs)
   np.testing.assert_allclose(y, ref.bn_forward(x.reshape(D * B, C), np.ones(C), np.zeros(C))[0],
                              rtol=1e-4, atol=1e-4)
@@ -222,7 +227,7 @@ def test_nnx_under_jit_and_shard_map(per_device):
                                batch_groups=D if per_device else None, axis_name=axis_name)
 
   with jax.set_mesh(mesh):
-    xs = jax.device_put(x.reshape(D * B, C), NamedSharding(mesh, P("data")))
+    xs = _shard(mesh, x)
     jitted = model()
     y_jit = nnx.jit(lambda m, x: m(x))(jitted, xs)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import math
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from jaxbn import data as data_lib
+from jaxbn.training import rundir
 from jaxbn.training.config import Config
 from jaxbn.training.parallel import Parallel
 from jaxbn.training.state import create_train_state, make_model, make_optimizer
@@ -24,18 +24,26 @@ EVAL_CHUNK = 500  # test examples per device per evaluation step
 
 
 def setup_devices(config: Config, coordinator=None, num_processes=None, process_id=None,
-                  auto_detect=False):
+                  auto_detect=False, timeout: int = 120):
   """Starts JAX (several processes if asked) and returns this process's devices to use.
 
   Several processes: pass the coordinator, or `auto_detect` to let JAX find
-  the cluster (SLURM, TPU pods, ...).
+  the cluster (SLURM, TPU pods, ...). A process that cannot reach the others
+  within `timeout` seconds raises ConnectionError naming the address.
   """
   if config.devices:
     jax.config.update("jax_num_cpu_devices", config.devices)
   if auto_detect or coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    try:
+      jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                 process_id=process_id, initialization_timeout=timeout)
+    except Exception as error:  # JAX raises XlaRuntimeError / RuntimeError here
+      address = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the auto-detected coordinator"
+      raise ConnectionError(
+          f"process {process_id}: the {num_processes or ''} processes did not all reach the "
+          f"coordinator at {address} within {timeout} s ({type(error).__name__}); start every "
+          f"process, with the same --coordinator, or raise --connect-timeout.") from error
   devices = jax.local_devices()
   if config.devices:
     if len(devices) < config.devices:
@@ -56,27 +64,22 @@ def _split_test_set(images, labels, num_devices, chunk):
   return shape(pad(images)), shape(pad(labels)), shape(valid)
 
 
-class _Metrics:
-  """OUT/metrics.jsonl, one line per evaluation; on resume, cut to the checkpoint."""
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite: the run stops."""
 
-  def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-    self.path, self.enabled = path, enabled
-    if not enabled:
-      return
-    kept = []
-    if resume_step is not None and path.exists():
-      kept = [line for line in path.read_text().splitlines()
-              if line and json.loads(line)["step"] <= resume_step]
-    path.write_text("".join(line + "\n" for line in kept))
 
-  def write(self, record: dict):
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written."""
 
 
 def train_and_evaluate(config: Config, devices=None) -> dict:
-  """Trains as configured; returns the last metrics record."""
+  """Trains as configured; returns the last metrics record.
+
+  Raises `rundir.RunDirError` (before any work) when OUT holds another run,
+  `NonFiniteLossError` when the loss stops being finite, `CheckpointError`
+  when a checkpoint cannot be saved; the last good checkpoint stays in both.
+  """
+  rundir.check(config)
   devices = devices or setup_devices(config)
   all_devices = devices if jax.process_count() == 1 else jax.devices()
   num_devices = len(all_devices)
@@ -98,10 +101,12 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   resume_step = None
   if config.resume and checkpoints.latest_step() is not None:
     resume_step = checkpoints.latest_step()
+    if resume_step >= config.steps:  # finished: nothing to train, nothing to rewrite
+      return rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=False).last
     state = checkpoints.restore(resume_step, args=ocp.args.StandardRestore(state))
-  elif primary:
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-  metrics = _Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
+  if primary:
+    rundir.write_config(config)  # on resume only --steps can have changed
+  metrics = rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
 
   parallel = Parallel(config.parallel, all_devices, per_device_bn=config.bn == "per-device")
   state = parallel.put_state(state)
@@ -111,7 +116,8 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   valid = test_host[2].reshape(-1)
 
   step = int(resume_step or 0)
-  start_time, last = time.time(), None
+  # wall_time (seconds) continues across a resume
+  start_time, last = time.time() - ((metrics.last or {}).get("wall_time") or 0.0), None
   show = config.progress if config.progress is not None else sys.stderr.isatty()
   bar = tqdm(total=config.steps, initial=step, disable=not show or not primary)
   while step < config.steps:
@@ -135,8 +141,25 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     metrics.write(record)
     bar.update(num_steps)
     bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{train_loss:.4f}")
+    if not math.isfinite(train_loss):
+      bar.close()
+      kept = checkpoints.latest_step()
+      raise NonFiniteLossError(
+          f"step {step}: the training loss is {train_loss}; the run stopped "
+          f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
+          f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std.")
     if step % config.checkpoint_every == 0 or step == config.steps:
-      checkpoints.save(step, args=ocp.args.StandardSave(parallel.portable_state(state)))
+      try:
+        checkpoints.save(step, args=ocp.args.StandardSave(parallel.portable_state(state)))
+      except Exception as error:
+        bar.close()
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        kept = checkpoints.latest_step()
+        raise CheckpointError(
+            f"step {step}: the checkpoint could not be saved under {out / 'checkpoints'} "
+            f"({type(error).__name__}: {reason}); "
+            f"{'the checkpoint of step ' + str(kept) + ' is kept' if kept else 'no earlier checkpoint exists'}."
+            f" Free space or fix permissions, then run again with --resume.") from error
     last = record
   bar.close()
   checkpoints.wait_until_finished()

@@ -1,0 +1,76 @@
+"""The run directory OUT: never overwritten, never mixed with another configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+from jaxbn.training.config import Config
+
+
+class RunDirError(ValueError):
+  """OUT holds a run that this command would overwrite or mix with another one."""
+
+
+def holds_run(out: Path) -> bool:
+  return (out / "config.json").exists() or (out / "metrics.jsonl").exists() or (
+      (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()))
+
+
+def move_aside(out: Path) -> Path:
+  """--overwrite: the old run is renamed, not deleted."""
+  aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+  out.rename(aside)
+  return aside
+
+
+def check(config: Config) -> None:
+  """Refuses, before any work, a command that would overwrite or mix runs."""
+  out = Path(config.out)
+  if not holds_run(out):
+    return
+  if not config.resume:
+    raise RunDirError(
+        f"--out: {out} already holds a run; continue it with --resume, or start a new one "
+        f"there with --overwrite (the old run is kept, renamed to {out.name}.old-<date>-<time>).")
+  saved_path = out / "config.json"
+  if not saved_path.exists():
+    raise RunDirError(f"--resume: {out} holds no config.json, so its configuration is unknown; "
+                      f"use another --out.")
+  saved = Config(**json.loads(saved_path.read_text()))
+  diffs = config.differences(saved)
+  if diffs:
+    raise RunDirError(f"--resume: the configuration differs from the run in {out}: {'; '.join(diffs)}. "
+                      f"Only --steps may change on resume; use another --out for a new run.")
+
+
+def write_config(config: Config) -> None:
+  (Path(config.out) / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+class Metrics:
+  """OUT/metrics.jsonl, one JSON line per evaluation (non-finite numbers as null);
+  on resume, cut to the checkpoint."""
+
+  def __init__(self, path: Path, resume_step: int | None, enabled: bool):
+    self.path, self.enabled = path, enabled
+    self.kept = []
+    if resume_step is not None and path.exists():
+      self.kept = [json.loads(line) for line in path.read_text().splitlines()
+                   if line and json.loads(line)["step"] <= resume_step]
+    if enabled:
+      path.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
+
+  @property
+  def last(self) -> dict | None:
+    return self.kept[-1] if self.kept else None
+
+  def write(self, record: dict):
+    record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    self.kept.append(record)
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")

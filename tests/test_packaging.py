@@ -1,0 +1,27 @@
+"""`pip install jaxbn` needs jax and flax only, and `import jaxbn` pulls in nothing else."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# optax is not here: flax depends on it, and flax.nnx imports it itself.
+TRAINING_STACK = ("tensorflow_datasets", "array_record", "orbax", "tqdm", "matplotlib")
+
+
+def test_runtime_dependencies_are_jax_and_flax():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  names = sorted(d.split(">")[0].split("=")[0].split("[")[0].strip() for d in project["dependencies"])
+  assert names == ["flax", "jax"]
+  train = " ".join(project["optional-dependencies"]["train"])
+  for package in ("optax", "tensorflow-datasets", "orbax-checkpoint", "tqdm"):
+    assert package in train
+
+
+def test_import_jaxbn_imports_no_training_stack():
+  code = ("import sys, jaxbn, jaxbn.nnx; "
+          f"print(','.join(m for m in {TRAINING_STACK!r} if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "", f"import jaxbn imported {result.stdout.strip()}"

@@ -1,0 +1,167 @@
+"""train.py as a new user meets it: usage errors, run directories, failures."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from tests.idx_files import make_dataset, write_dataset  # noqa: E402
+
+
+@pytest.mark.parametrize("flags,flag", [
+    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--eval-every", "100", "--checkpoint-every", "150"], "--checkpoint-every"),
+    (["--devices", "0"], "--devices"), (["--devices", "1000", "--batch-size", "100"], "--batch-size"),
+    (["--dropout", "1.5"], "--dropout"), (["--bn-momentum", "2"], "--bn-momentum"), (["--steps", "0"], "--steps"),
+    (["--bn", "global"], "--bn"), (["--process-id", "1"], "--coordinator"),
+    (["--resume", "--overwrite"], "--overwrite"), (["--init-std", "inf"], "--init-std"),
+])
+def test_bad_flags_are_one_line_usage_errors(flags, flag, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.parse_args(flags)
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert error.startswith("train.py: error:") and flag in error, error
+
+
+def test_defaults_adapt_and_help_shows_every_default():
+  config, _, _ = train.parse_args(["--eval-every", "3000", "--steps", "200"])
+  assert config.checkpoint_every == 12_000  # 10,000 rounded up to a multiple of --eval-every
+  text = train.make_parser().format_help()
+  for expected in ("--lr LR", "(default: 0.5; inception: 0.01)", "--parallel {jit,shard_map,pmap}",
+                   "(default: jit)", "(default: 50000; inception: 10000)", "--connect-timeout"):
+    assert expected in text, expected
+  for action in train.make_parser()._actions:
+    assert action.help, action.option_strings
+
+
+# ---- end to end (subprocess, short runs) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  return write_dataset(tmp_path_factory.mktemp("idx"), make_dataset(n_train=240, n_test=30))
+
+
+def _run(idx_dir, out, *extra, data_dir=None):
+  cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--idx-dir", str(idx_dir),
+         "--data-dir", str(data_dir or Path(out).parent / "tfds"), "--out", str(out), "--no-progress",
+         "--devices", "2", "--batch-size", "6", "--init-std", "0.3", "--eval-every", "10", *extra]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _snapshot(out: Path) -> dict:
+  return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_run_directory_is_never_overwritten_or_mixed(tmp_path, idx_dir):
+  out = tmp_path / "run"
+  first = _run(idx_dir, out, "--steps", "20")
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = _snapshot(out)
+
+  again = _run(idx_dir, out, "--steps", "20")  # no --resume
+  assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+  assert _snapshot(out) == before
+
+  changed = _run(idx_dir, out, "--steps", "20", "--lr", "0.1", "--bn", "sync", "--resume")
+  assert changed.returncode == 2
+  assert "--lr 0.1 (the run has 0.5)" in changed.stderr and "--bn sync (the run has none)" in changed.stderr
+  assert _snapshot(out) == before
+
+  finished = _run(idx_dir, out, "--steps", "20", "--resume")  # prints its final metrics
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+  assert f"step 20: test accuracy {last['test_accuracy']:.4f}" in finished.stdout
+  assert _snapshot(out) == before
+
+  longer = _run(idx_dir, out, "--steps", "40", "--resume")  # the one change allowed
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [10, 20, 30, 40]
+  assert records[2]["wall_time"] > records[1]["wall_time"]  # seconds since the run began, across resumes
+  assert json.loads((out / "config.json").read_text())["steps"] == 40
+
+  fresh = _run(idx_dir, out, "--steps", "10", "--overwrite")
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+  assert len(kept) == 1 and (kept[0] / "metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_a_diverging_run_stops_with_valid_metrics(tmp_path, idx_dir):
+  out = tmp_path / "nan"
+  result = _run(idx_dir, out, "--steps", "200", "--lr", "1e30", "--activation", "relu", "--checkpoint-every", "10")
+  assert result.returncode == 1
+  message = result.stderr.strip().splitlines()[-1]
+  assert message.startswith("error: step ") and "the training loss is" in message and "--lr" in message
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+  assert records[-1]["train_loss"] is None
+  saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  assert records[-1]["step"] not in saved  # no checkpoint of a non-finite state
+
+
+def test_data_errors_name_the_file(tmp_path, idx_dir):
+  missing = _run(tmp_path / "nowhere", tmp_path / "a", "--steps", "10")
+  assert missing.returncode == 1 and "--idx-dir:" in missing.stderr.strip().splitlines()[-1]
+
+  corrupt = write_dataset(tmp_path / "corrupt", make_dataset(n_train=240, n_test=30))
+  (corrupt / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+  result = _run(corrupt, tmp_path / "b", "--steps", "10")
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "train-images-idx3-ubyte.gz: cannot be read" in last, result.stderr[-2000:]
+
+  bad = make_dataset(n_train=240, n_test=30)
+  bad["train"][1][0] = 12
+  result = _run(write_dataset(tmp_path / "labels", bad), tmp_path / "c", "--steps", "10")
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "train-labels-idx1-ubyte.gz: labels must be 0..9, found 0..12" in last
+
+
+def test_idx_dir_is_never_shadowed_by_prepared_data(tmp_path):
+  from jaxbn import data
+  first = write_dataset(tmp_path / "first", make_dataset(n_train=50, n_test=10, seed=1))
+  second = write_dataset(tmp_path / "second", make_dataset(n_train=70, n_test=10, seed=2))
+  assert data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(first)).train_images.shape[0] == 50
+  assert data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(second)).train_images.shape[0] == 70
+  assert data.load("mnist", data_dir=str(tmp_path / "tfds")).train_images.shape[0] == 70  # reused
+
+
+def test_offline_download_fails_fast_with_the_how_to(tmp_path):
+  from jaxbn import data
+  start = time.time()
+  with pytest.raises(data.DatasetNotFoundError, match="pass --idx-dir"):
+    # A closed port on this machine stands for an unreachable host.
+    data.load("mnist", data_dir=str(tmp_path), url_base="http://127.0.0.1:9/mnist/")
+  assert time.time() - start < 30
+
+
+def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_dir, monkeypatch):
+  import jax
+  import orbax.checkpoint as ocp
+
+  from jaxbn import training
+  from jaxbn.training import loop
+
+  original = ocp.CheckpointManager.save
+  def save(self, step, *args, **kwargs):
+    if step >= 20:
+      raise OSError(28, "No space left on device")
+    return original(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  config = training.Config(dataset="mnist", idx_dir=str(idx_dir), data_dir=str(tmp_path / "tfds"),
+                           out=str(tmp_path / "run"), batch_size=6, steps=30, eval_every=10,
+                           checkpoint_every=10, progress=False)
+  with pytest.raises(loop.CheckpointError) as error:
+    loop.train_and_evaluate(config, devices=jax.devices()[:2])
+  assert "\n" not in str(error.value)
+  assert "step 20: the checkpoint could not be saved" in str(error.value)
+  assert "No space left on device" in str(error.value) and "step 10 is kept" in str(error.value)
+  assert (tmp_path / "run" / "checkpoints" / "10").exists()
