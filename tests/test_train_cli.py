@@ -165,3 +165,16 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_d
   assert "step 20: the checkpoint could not be saved" in str(error.value)
   assert "No space left on device" in str(error.value) and "step 10 is kept" in str(error.value)
   assert (tmp_path / "run" / "checkpoints" / "10").exists()
+
+
+def test_a_process_alone_gives_up_within_the_timeout(tmp_path, idx_dir):
+  port = 23000 + os.getpid() % 1000
+  for process_id, expected in ((1, f"error: process 1: no coordinator at 127.0.0.1:{port} within 3 s"),
+                               (0, f"process 0: waiting up to 3 s (--connect-timeout) for 2 processes at "
+                                   f"127.0.0.1:{port}")):
+    start = time.time()
+    result = _run(idx_dir, tmp_path / f"p{process_id}", "--steps", "10", "--coordinator", f"127.0.0.1:{port}",
+                  "--num-processes", "2", "--process-id", str(process_id), "--connect-timeout", "3")
+    assert result.returncode != 0 and time.time() - start < 60
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "CoordinationServiceAgent" not in result.stderr  # JAX's abort trace went to its log file
