@@ -23,7 +23,9 @@ FLAGS = {
                      "prepared data from other files is rebuilt"),
     "data_dir": (str, "TFDS data dir; prepared data is reused"),
     "model": (["mlp", "inception"], "the paper's MLP 784-100-100-100-10 or a small Inception-style convnet"),
-    "bn": (["none", "per-device", "sync"], "no BN, BN with each device's batch, or with the global batch"),
+    "bn": (["none", "per-device", "sync", "renorm"],
+           "no BN, BN with each device's batch, BN with the global batch, or Batch Renorm with each "
+           "device's batch (r_max 1->3, d_max 0->5 from 10%% to 60%% of --steps)"),
     "parallel": (["jit", "shard_map", "pmap"], "how the step spans the devices: jax.jit over sharded arrays, "
                                               "jax.jit(jax.shard_map(...)) or jax.pmap"),
     "devices": (int, "devices to use (on CPU: host devices to create; default: every device)"),

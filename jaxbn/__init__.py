@@ -4,14 +4,16 @@
 
 `jaxbn.BatchNorm` (Linen) and `jaxbn.nnx.BatchNorm` are drop-in replacements
 for flax's modules; `jaxbn.sync_batch_stats` and `jaxbn.population_stats`
-handle running statistics.
+handle running statistics; `jaxbn.batch_renorm` / `BatchRenorm` are Batch
+Renormalization, and `jaxbn.fold_batch_norm` folds inference BN into a layer.
 """
 
 from jaxbn.functional import Moments, batch_norm, moments
-from jaxbn.linen import BatchNorm
+from jaxbn.linen import BatchNorm, BatchRenorm
+from jaxbn.renorm import batch_renorm, fold_batch_norm, renorm_schedule
 from jaxbn.statistics import population_stats, sync_batch_stats
 from jaxbn import nnx
 
-__all__ = ["Moments", "batch_norm", "moments", "BatchNorm", "nnx",
-           "population_stats", "sync_batch_stats"]
+__all__ = ["Moments", "batch_norm", "batch_renorm", "fold_batch_norm", "moments", "renorm_schedule",
+           "BatchNorm", "BatchRenorm", "nnx", "population_stats", "sync_batch_stats"]
 __version__ = "0.1.0"

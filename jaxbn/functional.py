@@ -398,11 +398,34 @@ def _batch_inv_std(stats: Moments, epsilon):
   return jnp.where(stats.count > 0, lax.rsqrt(stats.var + epsilon), 0)
 
 
-def _train_primal(cfg, x, scale, bias, mask):
+def _renorm_correction(stats: Moments, epsilon, renorm):
+  """Batch Renormalization's r and d (Ioffe 2017), constants of the gradient:
+
+      r = clip(sigma_B / sigma, 1/r_max, r_max),  d = clip((mu_B - mu) / sigma, -d_max, d_max)
+
+  with mu, sigma^2 + eps the running statistics. BN is r = 1, d = 0.
+  """
+  if renorm is None:
+    return None, None
+  running_mean, running_var, r_max, d_max = (lax.stop_gradient(v) for v in renorm)
+  sigma = jnp.sqrt(running_var.astype(stats.var.dtype) + epsilon)
+  r = jnp.clip(jnp.sqrt(stats.var + epsilon) / sigma, 1 / r_max, r_max)
+  d = jnp.clip((stats.mean - running_mean.astype(stats.mean.dtype)) / sigma, -d_max, d_max)
+  valid = stats.count > 0
+  return lax.stop_gradient(jnp.where(valid, r, 1)), lax.stop_gradient(jnp.where(valid, d, 0))
+
+
+def _train_primal(cfg, x, scale, bias, mask, renorm):
   faxes, epsilon, axis_name, groups, out_dtype = cfg
   stats = _moments(x, mask, faxes, axis_name, groups)
   inv = _batch_inv_std(stats, epsilon)
+  scale, bias = _renormed(scale, bias, *_renorm_correction(stats, epsilon, renorm))
   return _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype), stats
+
+
+def _renormed(scale, bias, r, d):
+  """y = scale (r xhat + d) + bias = (scale r) xhat + (bias + scale d)."""
+  return (scale, bias) if r is None else (scale * r, bias + scale * d)
 
 
 _train = jax.custom_jvp(_train_primal, nondiff_argnums=(0,))
@@ -427,18 +450,20 @@ def _train_jvp(cfg, primals, tangents):
   (the shift is a sample of the feature), so nothing cancels.
   """
   faxes, epsilon, axis_name, groups, out_dtype = cfg
-  x, scale, bias, mask = primals
-  dx, dscale, dbias, _ = tangents
+  x, scale, bias, mask, renorm = primals
+  dx, dscale, dbias = tangents[:3]  # no derivative flows into the renorm statistics
   stats, shift = _moments_and_shift(x, mask, faxes, axis_name, groups)
   inv = _batch_inv_std(stats, epsilon)
-  y = _normalize(x, stats.mean, inv, scale, bias, faxes, out_dtype)
+  r, d_renorm = _renorm_correction(stats, epsilon, renorm)
+  scale_r, bias_d = _renormed(scale, bias, r, d_renorm)
+  y = _normalize(x, stats.mean, inv, scale_r, bias_d, faxes, out_dtype)
   dtype = _stat_dtype(x.dtype)
   raxes = _reduction_axes(x.ndim, faxes)
   e = lambda v: _expand(v, x.ndim, faxes)
   valid = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0))
   d = x.astype(dtype) - e(shift)
   offset = stats.mean - shift
-  a = scale.astype(dtype) * inv
+  a = scale_r.astype(dtype) * inv
 
   # dy = a dx + c1 d + c0, with per-feature c0, c1 linear in the tangents.
   dy, c0, c1 = 0, None, None  # None: no term
@@ -458,10 +483,11 @@ def _train_jvp(cfg, primals, tangents):
     dy = e(a) * dxs
     c1 = -a * inv * dproj
     c0 = a * inv * dproj * offset - a * dmean
-  if not _is_zero(dscale):
-    ds = dscale.astype(dtype)
+  if not _is_zero(dscale):  # y depends on scale through scale * (r xhat + d)
+    ds, ds_shift = _renormed(dscale.astype(dtype), 0, r, d_renorm)
     c1 = inv * ds if c1 is None else c1 + inv * ds
-    c0 = -inv * ds * offset if c0 is None else c0 - inv * ds * offset
+    shifted = ds_shift - inv * ds * offset
+    c0 = shifted if c0 is None else c0 + shifted
   if not _is_zero(dbias):
     c0 = dbias.astype(dtype) if c0 is None else c0 + dbias.astype(dtype)
   if c1 is not None:
@@ -561,13 +587,25 @@ def batch_norm(
   Returns:
     `(y, new_stats)`; running statistics carry no gradient.
   """
+  return _batch_norm(x, params, stats, renorm_limits=None, training=training, axis=axis,
+                     momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                     axis_index_groups=axis_index_groups, mask=mask, unbiased=unbiased,
+                     skip_nonfinite=skip_nonfinite, dtype=dtype, batch_groups=batch_groups,
+                     batch_axis=batch_axis)
+
+
+def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, epsilon, axis_name,
+                axis_index_groups, mask, unbiased, skip_nonfinite, dtype, batch_groups, batch_axis):
+  """batch_norm, and with `renorm_limits=(r_max, d_max)` Batch Renormalization."""
+
+
   x = _check_input(x)
   faxes = feature_axes(x.ndim, axis)
   fshape = tuple(x.shape[a] for a in faxes)
   if batch_groups is not None:
     return _grouped_batch_norm(x, params, stats, faxes, training=training, momentum=momentum,
                                epsilon=epsilon, axis_name=axis_name, mask=mask, unbiased=unbiased,
-                               skip_nonfinite=skip_nonfinite, dtype=dtype,
+                               skip_nonfinite=skip_nonfinite, dtype=dtype, renorm_limits=renorm_limits,
                                batch_groups=batch_groups, batch_axis=batch_axis)
   _check_hyperparameters(momentum, epsilon)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
@@ -598,7 +636,12 @@ def batch_norm(
     _check_axis_name(axis_name)
   scale, bias = _vary_like(scale, x), _vary_like(bias, x)
   cfg = (faxes, float(epsilon), axis_name, _canonical_groups(axis_index_groups), out_dtype)
-  y, batch = _train(cfg, x, scale, bias, mask)
+  renorm = None
+  if renorm_limits is not None:
+    if jnp.iscomplexobj(x):
+      raise TypeError(f"x: Batch Renormalization expects real input, got dtype {x.dtype}.")
+    renorm = (running_mean, running_var) + tuple(jnp.asarray(v, stat_dtype) for v in renorm_limits)
+  y, batch = _train(cfg, x, scale, bias, mask, renorm)
   batch = jax.tree.map(lax.stop_gradient, batch)
 
   batch_var = batch.var
@@ -626,8 +669,10 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
   over it."""
   fshape = tuple(x.shape[a] for a in faxes)
   gshape = (batch_groups,) + fshape
+  kwargs.update(axis_index_groups=None, batch_groups=None, batch_axis=0)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
-    return batch_norm(x, params, stats, training=training, axis=faxes, **kwargs)  # its error
+    return _batch_norm(x, params, stats, training=training, axis=faxes, axis_name=axis_name,
+                       mask=mask, **kwargs)  # its error
   for key in ("mean", "var"):
     if jnp.shape(stats[key]) not in (fshape, gshape):
       raise ValueError(
@@ -635,7 +680,8 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
           f"got {jnp.shape(stats[key])}.")
   if not training:
     pooled = combine_groups(stats) if jnp.shape(stats["mean"]) == gshape else stats
-    return batch_norm(x, params, pooled, training=False, axis=faxes, **kwargs)[0], stats
+    return _batch_norm(x, params, pooled, training=False, axis=faxes, axis_name=None, mask=mask,
+                       **kwargs)[0], stats
   xg, mask, gaxes = _group_batch(x, None if mask is None else _check_mask(mask, x.shape), faxes,
                                  batch_groups, batch_axis, axis_name)
   # Under explicit sharding, per-group values follow the batch's sharding.
@@ -645,8 +691,8 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
     return v if group_spec is None else jax.sharding.reshard(v, group_spec)
   params = None if params is None else {k: widen(v) if jnp.shape(v) == fshape else v
                                         for k, v in params.items()}
-  y, new_stats = batch_norm(xg, params, {k: widen(v) for k, v in stats.items()},
-                            training=True, axis=gaxes, mask=mask, **kwargs)
+  y, new_stats = _batch_norm(xg, params, {k: widen(v) for k, v in stats.items()},
+                             training=True, axis=gaxes, axis_name=None, mask=mask, **kwargs)
   return y.reshape(x.shape), new_stats
 
 

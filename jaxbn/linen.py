@@ -74,46 +74,72 @@ class BatchNorm(nn.Module):
       use_running_average: overrides the field of the same name.
       mask: boolean, broadcastable to x: the elements that enter the statistics.
     """
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
-    x = functional._check_input(x)
-    faxes = functional.feature_axes(x.ndim, self.axis)
-    fshape = tuple(x.shape[a] for a in faxes)
+    return _normalize(self, x, use_running_average, mask, renorm_limits=None)
 
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    stats_shape = fshape if self.batch_groups is None else (self.batch_groups, *fshape)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, stats_shape, stats_dtype)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, stats_shape, stats_dtype)
-    params = {}
-    if self.use_scale:
-      params["scale"] = self.param("scale", self.scale_init, fshape, self.param_dtype)
-    if self.use_bias:
-      params["bias"] = self.param("bias", self.bias_init, fshape, self.param_dtype)
-    # flax's output dtype: the promotion of the input and the parameters used.
-    out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
 
-    initializing = self.is_initializing()
-    stats = {"mean": ra_mean.value, "var": ra_var.value}
-    groups = functional.groups_of(stats, fshape) if self.batch_groups is not None else None
-    if initializing and groups is not None:
-      # init takes a batch of any size (often one example) and keeps the statistics.
-      stats, groups = functional.combine_groups(stats), None
-    y, new_stats = functional.batch_norm(
-        x, params, stats,
-        training=not use_running_average,
-        axis=faxes,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        # As in flax, init needs no bound axis and leaves the statistics alone.
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        unbiased=self.unbiased,
-        skip_nonfinite=self.skip_nonfinite,
-        dtype=out_dtype,
-        batch_groups=groups,
-    )
-    if not use_running_average and not initializing:
-      ra_mean.value = new_stats["mean"]
-      ra_var.value = new_stats["var"]
-    return y
+class BatchRenorm(BatchNorm):
+  """Batch Renormalization (Ioffe 2017): `jaxbn.batch_renorm` as a Linen module.
+
+  Fields, variables and call as `BatchNorm` (checkpoints interchange), plus
+    r_max, d_max: the clipping limits of r and d; a call may override them
+      (`layer(x, r_max=..., d_max=...)`, e.g. from `jaxbn.renorm_schedule`).
+  """
+
+  r_max: float = 3.0
+  d_max: float = 5.0
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None,
+               r_max=None, d_max=None):
+    """Normalizes `x`; `r_max`/`d_max` override the fields for this call."""
+    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max)
+    return _normalize(self, x, use_running_average, mask, renorm_limits=limits)
+
+
+def _normalize(module: BatchNorm, x, use_running_average, mask, renorm_limits):
+  """The body of both modules' calls (variables are created in `module`)."""
+  use_running_average = nn.merge_param(
+      "use_running_average", module.use_running_average, use_running_average)
+  x = functional._check_input(x)
+  faxes = functional.feature_axes(x.ndim, module.axis)
+  fshape = tuple(x.shape[a] for a in faxes)
+
+  stats_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+  stats_shape = fshape if module.batch_groups is None else (module.batch_groups, *fshape)
+  ra_mean = module.variable("batch_stats", "mean", jnp.zeros, stats_shape, stats_dtype)
+  ra_var = module.variable("batch_stats", "var", jnp.ones, stats_shape, stats_dtype)
+  params = {}
+  if module.use_scale:
+    params["scale"] = module.param("scale", module.scale_init, fshape, module.param_dtype)
+  if module.use_bias:
+    params["bias"] = module.param("bias", module.bias_init, fshape, module.param_dtype)
+  # flax's output dtype: the promotion of the input and the parameters used.
+  out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+
+  initializing = module.is_initializing()
+  stats = {"mean": ra_mean.value, "var": ra_var.value}
+  groups = functional.groups_of(stats, fshape) if module.batch_groups is not None else None
+  if initializing and groups is not None:
+    # init takes a batch of any size (often one example) and keeps the statistics.
+    stats, groups = functional.combine_groups(stats), None
+  y, new_stats = functional._batch_norm(
+      x, params, stats,
+      renorm_limits=renorm_limits,
+      training=not use_running_average,
+      axis=faxes,
+      momentum=module.momentum,
+      epsilon=module.epsilon,
+      # As in flax, init needs no bound axis and leaves the statistics alone.
+      axis_name=None if initializing else module.axis_name,
+      axis_index_groups=module.axis_index_groups,
+      mask=mask,
+      unbiased=module.unbiased,
+      skip_nonfinite=module.skip_nonfinite,
+      dtype=out_dtype,
+      batch_groups=groups,
+      batch_axis=0,
+  )
+  if not use_running_average and not initializing:
+    ra_mean.value = new_stats["mean"]
+    ra_var.value = new_stats["var"]
+  return y

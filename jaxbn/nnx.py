@@ -16,7 +16,7 @@ from flax.nnx.nn import dtypes, initializers
 
 from jaxbn import functional
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchRenorm"]
 
 
 class BatchNorm(nnx.Module):
@@ -100,6 +100,9 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes `x`; `use_running_average` overrides the attribute."""
+    return self._normalize(x, use_running_average, mask, renorm_limits=None)
+
+  def _normalize(self, x, use_running_average, mask, renorm_limits):
     use_running_average = (self.use_running_average if use_running_average is None
                            else use_running_average)
     if use_running_average is None:
@@ -119,8 +122,9 @@ class BatchNorm(nnx.Module):
     # Training updates the stored statistics; inference reads them promoted.
     stats = ({"mean": self.mean[...], "var": self.var[...]} if not use_running_average
              else {"mean": mean, "var": var})
-    y, new_stats = functional.batch_norm(
+    y, new_stats = functional._batch_norm(
         x, params, stats,
+        renorm_limits=renorm_limits,
         training=not use_running_average,
         axis=self.axis,
         momentum=self.momentum,
@@ -133,6 +137,7 @@ class BatchNorm(nnx.Module):
         dtype=out_dtype,
         batch_groups=(functional.groups_of(stats, (self.num_features,))
                       if self.batch_groups is not None else None),
+        batch_axis=0,
     )
     if not use_running_average:
       self.mean[...] = new_stats["mean"]
@@ -148,3 +153,21 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+  """Batch Renormalization (Ioffe 2017): `jaxbn.batch_renorm` as an NNX module.
+
+  Arguments, attributes and state as `BatchNorm` (checkpoints interchange),
+  plus `r_max`, `d_max`, the clipping limits of r and d; a call may override
+  them (`layer(x, r_max=..., d_max=...)`, e.g. from `jaxbn.renorm_schedule`).
+  """
+
+  def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.r_max, self.d_max = r_max, d_max
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
+    """Normalizes `x`; `r_max`/`d_max` override the attributes for this call."""
+    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max)
+    return self._normalize(x, use_running_average, mask, renorm_limits=limits)

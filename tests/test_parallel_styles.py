@@ -1,6 +1,6 @@
 """train.py's three parallel styles (jit, shard_map, pmap) give the same run.
 
-For each BN mode, a few hundred steps on 8 host devices from the same seed;
+For each BN mode (Batch Renorm included), a few hundred steps on 8 host devices from the same seed;
 the metrics of the styles agree to 1e-5, and per-device BN differs from
 synced BN. The run uses a small learning rate on purpose: at large ones this
 training is chaotic (float rounding of 1e-7, which the styles' different
@@ -49,8 +49,9 @@ def test_style_gives_the_same_run_as_jit(runs, bn, style):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (bn, style, a["step"], key)
 
 
-def test_per_device_and_synced_runs_differ(runs):
+def test_per_device_synced_and_renorm_runs_differ(runs):
   for style in training.PARALLEL_STYLES:
-    per_device, synced = runs["per-device", style][-1], runs["sync", style][-1]
+    per_device, synced, renorm = (runs[bn, style][-1] for bn in ("per-device", "sync", "renorm"))
     assert abs(per_device["test_loss"] - synced["test_loss"]) > 1e-3, style
     assert abs(per_device["p50"] - synced["p50"]) > 1e-3, style
+    assert abs(per_device["test_loss"] - renorm["test_loss"]) > 1e-3, style

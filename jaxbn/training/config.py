@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 PARALLEL_STYLES = ("jit", "shard_map", "pmap")
-BN_MODES = ("none", "per-device", "sync")
+BN_MODES = ("none", "per-device", "sync", "renorm")
 DATASETS = ("mnist", "fashion_mnist")
 TRAIN_EXAMPLES = 60_000  # both datasets
 CHECKPOINT_STEPS = 10_000  # checkpoint_every's default, rounded up to a multiple of eval_every
@@ -27,7 +27,7 @@ class Config:
   idx_dir: str | None = None
   data_dir: str | None = "data"
   model: str = "mlp"                  # mlp | inception
-  bn: str = "none"                    # none | per-device | sync
+  bn: str = "none"                    # none | per-device | sync | renorm
   parallel: str = "jit"               # jit | shard_map | pmap: how the step spans the devices
   devices: int | None = None          # None: every device
   batch_size: int = 60                # per device
@@ -96,3 +96,8 @@ class Config:
 
 def _fail(name: str, message: str):
   raise ConfigError(f"--{name.replace('_', '-')}: {message}")
+
+
+def per_device_statistics(config: Config) -> bool:
+  """BN modes whose running statistics are kept per device (one row each)."""
+  return config.bn in ("per-device", "renorm")

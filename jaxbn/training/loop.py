@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from jaxbn import data as data_lib
 from jaxbn.training import rundir
-from jaxbn.training.config import Config
+from jaxbn.training.config import Config, per_device_statistics
 from jaxbn.training.parallel import Parallel
-from jaxbn.training.state import create_train_state, make_model, make_optimizer
+from jaxbn.training.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
 
 PERCENTILES = (15, 50, 85)
 EVAL_CHUNK = 500  # test examples per device per evaluation step
@@ -145,7 +145,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     rundir.write_config(config)  # on resume only --steps can have changed
   metrics = rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
 
-  parallel = Parallel(config.parallel, all_devices, per_device_bn=config.bn == "per-device")
+  parallel = Parallel(config.parallel, all_devices, per_device_bn=per_device_statistics(config))
   state = parallel.put_state(state)
   train_images, train_labels = parallel.replicate((dataset.train_images, dataset.train_labels))
   test_host = _split_test_set(dataset.test_images, dataset.test_labels, num_devices, EVAL_CHUNK)
@@ -160,7 +160,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   while step < config.steps:
     num_steps = min(config.eval_every - step % config.eval_every, config.steps - step)
     chunk = parallel.train_chunk(state, num_steps, model=model, optimizer=optimizer, seed=config.seed,
-                                 global_batch=global_batch)
+                                 global_batch=global_batch, renorm_schedule=make_renorm_schedule(config))
     t0 = time.time()
     state, train_loss = chunk(state, train_images, train_labels)
     train_loss = float(np.asarray(train_loss.addressable_shards[0].data).reshape(-1)[0])  # waits

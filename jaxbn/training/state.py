@@ -19,7 +19,7 @@ from flax import struct
 
 import jaxbn
 from jaxbn.models import MLP, InceptionNet
-from jaxbn.training.config import Config
+from jaxbn.training.config import Config, per_device_statistics
 
 AXIS = "batch"  # the device axis of every parallel style
 
@@ -34,7 +34,8 @@ class TrainState(struct.PyTreeNode):
 def make_model(config: Config, num_devices: int | None = None) -> nn.Module:
   """The configured model as a parallel style runs it.
 
-  Per-device BN keeps one row of running statistics per device
+  Per-device BN (and Batch Renorm, `--bn renorm`, per device) keeps one
+  row of running statistics per device
   (`batch_groups=num_devices`): under jit each device's shard of the batch
   is one group; under shard_map and pmap each device sees its own row. Synced
   BN names the device axis, except under jit, where a plain reduction over
@@ -44,16 +45,26 @@ def make_model(config: Config, num_devices: int | None = None) -> nn.Module:
   norm = None
   if config.bn != "none":
     kwargs = {}
-    if num_devices is not None and config.bn == "per-device":
+    if num_devices is not None and per_device_statistics(config):
       kwargs["batch_groups"] = num_devices
     if num_devices is not None and config.bn == "sync" and config.parallel != "jit":
       kwargs["axis_name"] = AXIS
-    norm = functools.partial(jaxbn.BatchNorm, momentum=config.bn_momentum, **kwargs)
+    layer = jaxbn.BatchRenorm if config.bn == "renorm" else jaxbn.BatchNorm
+    norm = functools.partial(layer, momentum=config.bn_momentum, **kwargs)
   activation = {"sigmoid": nn.sigmoid, "relu": nn.relu, None: None}[config.activation]
   if config.model == "mlp":
     return MLP(norm=norm, init_std=config.init_std, activation=activation or nn.sigmoid)
   return InceptionNet(norm=norm, dropout=config.dropout, width=config.width,
                       activation=activation or nn.relu)
+
+
+def make_renorm_schedule(config: Config):
+  """--bn renorm: Batch Renorm's limits over the run (the paper's schedule
+  scaled to --steps): plain BN for the first 10% of the steps, then r_max
+  1 -> 3 and d_max 0 -> 5 linearly until 60%, then constant. None otherwise."""
+  if config.bn != "renorm":
+    return None
+  return jaxbn.renorm_schedule(max(config.steps // 2, 1), warmup_steps=config.steps // 10)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:

@@ -8,11 +8,15 @@ it runs on global arrays under jax.jit, where XLA places the collectives.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from jax import lax
 
+import jaxbn
 from jaxbn.training.state import AXIS, TrainState
 
 
@@ -31,12 +35,28 @@ def _varying(tree):
   return jax.tree.map(vary, tree)
 
 
-def train_step(state: TrainState, images, labels, model, optimizer, dropout_key, local: bool):
-  """One optimizer step on the batch (this device's share when `local`)."""
+def _with_renorm_limits(limits):
+  """Passes this step's (r_max, d_max) to every BatchRenorm layer of a model."""
+  def intercept(next_fun, args, kwargs, context):
+    if isinstance(context.module, jaxbn.BatchRenorm) and context.method_name == "__call__":
+      kwargs = {**kwargs, "r_max": limits[0], "d_max": limits[1]}
+    return next_fun(*args, **kwargs)
+  return nn.intercept_methods(intercept)
+
+
+def train_step(state: TrainState, images, labels, model, optimizer, dropout_key, local: bool,
+               renorm_schedule=None):
+  """One optimizer step on the batch (this device's share when `local`).
+
+  `renorm_schedule`: step -> (r_max, d_max) for the model's BatchRenorm layers.
+  """
   def loss_fn(params):
-    (logits, _), updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, _preprocess(images), train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    limits = contextlib.nullcontext() if renorm_schedule is None else \
+        _with_renorm_limits(renorm_schedule(state.step))
+    with limits:
+      (logits, _), updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, _preprocess(images), train=True,
+          mutable=["batch_stats"], rngs={"dropout": dropout_key})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, updates.get("batch_stats", {})
 
@@ -57,7 +77,7 @@ def _epoch_permutation(key, epoch, n):
 
 
 def train_chunk(state, images, labels, *, num_steps, model, optimizer, seed, global_batch,
-                num_devices, local, batch_sharding=None):
+                num_devices, local, batch_sharding=None, renorm_schedule=None):
   """`num_steps` steps in one dispatch, drawing batches on device.
 
   Epoch e visits the training set in the order of a permutation seeded by
@@ -90,7 +110,8 @@ def train_chunk(state, images, labels, *, num_steps, model, optimizer, seed, glo
       if batch_sharding is not None:
         batch_images = jax.sharding.reshard(batch_images, batch_sharding)
         batch_labels = jax.sharding.reshard(batch_labels, batch_sharding)
-    state, loss = train_step(state, batch_images, batch_labels, model, optimizer, dropout_key, local)
+    state, loss = train_step(state, batch_images, batch_labels, model, optimizer, dropout_key, local,
+                             renorm_schedule)
     return (state, step_epoch, perm), loss
 
   epoch = state.step // per_epoch
