@@ -13,8 +13,10 @@ source API, which needs only NumPy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import io
 import hashlib
 import json
 import logging
@@ -264,7 +266,9 @@ def load(name: str, data_dir: str | None = None, idx_dir: str | None = None, qui
     if prepared.exists() and (not record.exists() or json.loads(record.read_text()) != wanted):
       shutil.rmtree(b.data_dir)  # built from other files: rebuild from these
       b = builder(name, data_dir, idx_dir=idx_dir, **kwargs)
-  b.download_and_prepare()
+  # TFDS prints its "Downloading and preparing ..." lines to stdout.
+  with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+    b.download_and_prepare()
   if wanted is not None and not record.exists():
     record.write_text(json.dumps(wanted, indent=2) + "\n")
   source = b.as_data_source()

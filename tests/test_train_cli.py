@@ -66,6 +66,9 @@ def test_a_run_directory_is_never_overwritten_or_mixed(tmp_path, idx_dir):
   out = tmp_path / "run"
   first = _run(idx_dir, out, "--steps", "20")
   assert first.returncode == 0, first.stderr[-3000:]
+  # Without a terminal: no progress bar, no TFDS output, just the final line.
+  assert first.stdout.strip().splitlines() == [first.stdout.strip()] and first.stdout.startswith("step 20:")
+  assert "%|" not in first.stderr and "Generating" not in first.stderr
   before = _snapshot(out)
 
   again = _run(idx_dir, out, "--steps", "20")  # no --resume
