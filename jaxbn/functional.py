@@ -640,7 +640,14 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
   if renorm_limits is not None:
     if jnp.iscomplexobj(x):
       raise TypeError(f"x: Batch Renormalization expects real input, got dtype {x.dtype}.")
-    renorm = (running_mean, running_var) + tuple(jnp.asarray(v, stat_dtype) for v in renorm_limits)
+    r_max, d_max, reference, stats_axis_name = renorm_limits
+    reference = {"mean": running_mean, "var": running_var} if reference is None else reference
+    if stats_axis_name is not None:
+      _check_axis_name(stats_axis_name)
+      reference = _pool_over_axis(reference, stats_axis_name)
+    reference = {k: jnp.broadcast_to(v, fshape) for k, v in reference.items()}
+    renorm = (reference["mean"], reference["var"], jnp.asarray(r_max, stat_dtype),
+              jnp.asarray(d_max, stat_dtype))
   y, batch = _train(cfg, x, scale, bias, mask, renorm)
   batch = jax.tree.map(lax.stop_gradient, batch)
 
@@ -691,9 +698,23 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
     return v if group_spec is None else jax.sharding.reshard(v, group_spec)
   params = None if params is None else {k: widen(v) if jnp.shape(v) == fshape else v
                                         for k, v in params.items()}
-  y, new_stats = _batch_norm(xg, params, {k: widen(v) for k, v in stats.items()},
-                             training=True, axis=gaxes, axis_name=None, mask=mask, **kwargs)
+  rows = {k: widen(v) for k, v in stats.items()}
+  if kwargs["renorm_limits"] is not None:
+    # Batch Renorm corrects every group toward the pooled running statistics,
+    # the estimate of the population's (each group's own row is a part of it).
+    r_max, d_max, _, stats_axis_name = kwargs["renorm_limits"]
+    reference = {k: widen(v) for k, v in combine_groups(rows).items()}
+    kwargs["renorm_limits"] = (r_max, d_max, reference, stats_axis_name)
+  y, new_stats = _batch_norm(xg, params, rows, training=True, axis=gaxes, axis_name=None, mask=mask,
+                             **kwargs)
   return y.reshape(x.shape), new_stats
+
+
+def _pool_over_axis(stats, axis_name):
+  """The law of total variance over the devices of a named axis (equal weights)."""
+  mean = lax.pmean(stats["mean"], axis_name)
+  spread = _abs_sq(stats["mean"] - mean)
+  return {"mean": mean, "var": lax.pmean(stats["var"] + spread, axis_name)}
 
 
 def _explicit_spec(x, axis):

@@ -83,16 +83,21 @@ class BatchRenorm(BatchNorm):
   Fields, variables and call as `BatchNorm` (checkpoints interchange), plus
     r_max, d_max: the clipping limits of r and d; a call may override them
       (`layer(x, r_max=..., d_max=...)`, e.g. from `jaxbn.renorm_schedule`).
+    stats_axis_name: per-device statistics under shard_map/pmap: the device
+      axis to pool the running statistics over for r and d (see
+      `jaxbn.batch_renorm`).
   """
 
   r_max: float = 3.0
   d_max: float = 5.0
+  stats_axis_name: Any = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None,
                r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the fields for this call."""
-    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max)
+    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max, None,
+              None if self.is_initializing() else self.stats_axis_name)
     return _normalize(self, x, use_running_average, mask, renorm_limits=limits)
 
 

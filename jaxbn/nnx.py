@@ -160,14 +160,17 @@ class BatchRenorm(BatchNorm):
 
   Arguments, attributes and state as `BatchNorm` (checkpoints interchange),
   plus `r_max`, `d_max`, the clipping limits of r and d; a call may override
-  them (`layer(x, r_max=..., d_max=...)`, e.g. from `jaxbn.renorm_schedule`).
+  them (`layer(x, r_max=..., d_max=...)`, e.g. from `jaxbn.renorm_schedule`),
+  and `stats_axis_name` (see `jaxbn.batch_renorm`).
   """
 
-  def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs):
+  def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0,
+               stats_axis_name=None, **kwargs):
     super().__init__(num_features, **kwargs)
-    self.r_max, self.d_max = r_max, d_max
+    self.r_max, self.d_max, self.stats_axis_name = r_max, d_max, stats_axis_name
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the attributes for this call."""
-    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max)
+    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max, None,
+              self.stats_axis_name)
     return self._normalize(x, use_running_average, mask, renorm_limits=limits)

@@ -35,6 +35,7 @@ def batch_renorm(
     dtype=None,
     batch_groups: int | None = None,
     batch_axis: int = 0,
+    stats_axis_name=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Batch Renormalization as a pure function: returns `(y, new_stats)`.
 
@@ -52,10 +53,17 @@ def batch_renorm(
   `renorm_schedule`). Running statistics update as in `batch_norm` and have
   its layout, so checkpoints interchange; inference is BN's.
 
+  Per-device Batch Renorm corrects toward the running statistics pooled over
+  the devices (the law of total variance, as `sync_batch_stats`), the
+  estimate of the population's: with `batch_groups`, each group is corrected
+  toward the pooled rows of `stats`; under shard_map/pmap, where each device
+  holds its own running statistics, `stats_axis_name` names the device axis
+  to pool them over (one small collective of per-feature vectors).
+
   Every other argument is `batch_norm`'s.
   """
   return functional._batch_norm(
-      x, params, stats, renorm_limits=(r_max, d_max), training=training, axis=axis, momentum=momentum,
+      x, params, stats, renorm_limits=(r_max, d_max, None, stats_axis_name), training=training, axis=axis, momentum=momentum,
       epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
       unbiased=unbiased, skip_nonfinite=skip_nonfinite, dtype=dtype, batch_groups=batch_groups,
       batch_axis=batch_axis)

@@ -138,3 +138,31 @@ def test_folding_gives_the_same_output(layer, use_bias):
   np.testing.assert_allclose(folded, expected, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r"bn_stats\['mean'\]: expected shape \(5,\)"):
     jaxbn.fold_batch_norm(kernel, bias, bn_params, {"mean": np.zeros(4), "var": np.ones(5)})
+
+
+def test_per_device_renorm_corrects_toward_the_pooled_statistics():
+  """Grouped under jit, or one row per device under shard_map with
+  stats_axis_name: the same r and d, against the pooled running statistics."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(7)
+  x = (rng.normal(size=(8, 6, 4)) * rng.uniform(0.5, 2, (8, 1, 1)) + rng.normal(0, 1, (8, 1, 1))).astype(np.float32)
+  rows = {"mean": rng.normal(size=(8, 4)).astype(np.float32), "var": rng.uniform(0.5, 3, (8, 4)).astype(np.float32)}
+  pooled = {"mean": rows["mean"].mean(0), "var": rows["var"].mean(0) + rows["mean"].var(0)}
+  scale, bias = np.full(4, 1.3, np.float32), np.full(4, 0.2, np.float32)
+  expected = np.stack([renorm_reference(x[g], scale, bias, pooled, 1.5, 0.5)[0] for g in range(8)])
+
+  y, new = jaxbn.batch_renorm(x.reshape(48, 4), {"scale": scale, "bias": bias}, rows, training=True,
+                              r_max=1.5, d_max=0.5, batch_groups=8)
+  np.testing.assert_allclose(np.asarray(y).reshape(8, 6, 4), expected, rtol=1e-5, atol=1e-5)
+  assert new["mean"].shape == (8, 4)
+
+  mesh = jax.make_mesh((8,), ("d",))
+  def local(x, rows):
+    y, _ = jaxbn.batch_renorm(x, {"scale": scale, "bias": bias}, jax.tree.map(lambda a: a[0], rows),
+                              training=True, r_max=1.5, d_max=0.5, stats_axis_name="d")
+    return y
+  run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P("d")))
+  y_map = run(put(x.reshape(48, 4)), jax.tree.map(put, rows))
+  np.testing.assert_allclose(np.asarray(y_map).reshape(8, 6, 4), expected, rtol=1e-5, atol=1e-5)

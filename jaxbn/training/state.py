@@ -49,7 +49,11 @@ def make_model(config: Config, num_devices: int | None = None) -> nn.Module:
       kwargs["batch_groups"] = num_devices
     if num_devices is not None and config.bn == "sync" and config.parallel != "jit":
       kwargs["axis_name"] = AXIS
-    layer = jaxbn.BatchRenorm if config.bn == "renorm" else jaxbn.BatchNorm
+    layer = jaxbn.BatchNorm
+    if config.bn == "renorm":
+      layer = jaxbn.BatchRenorm
+      if num_devices is not None and config.parallel != "jit":  # each device holds its own row
+        kwargs["stats_axis_name"] = AXIS
     norm = functools.partial(layer, momentum=config.bn_momentum, **kwargs)
   activation = {"sigmoid": nn.sigmoid, "relu": nn.relu, None: None}[config.activation]
   if config.model == "mlp":
