@@ -14,7 +14,9 @@ X = jax.random.uniform(jax.random.key(42), (6, 28, 28))
 
 
 def _init(model, x=X):
-  return model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
+  # jitted: one compilation instead of op-by-op dispatch of a whole net
+  return jax.jit(lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
+                                      train=False))(x)
 
 
 def test_mlp_shapes_and_init():
@@ -58,7 +60,7 @@ def test_mlp_preactivation_is_the_last_sigmoids_input():
 def test_inception_shapes_and_bn_placement(bn):
   model = InceptionNet(norm=jaxbn.BatchNorm if bn else None, width=4, dropout=0.3)
   variables = _init(model)
-  logits, _ = model.apply(variables, X, train=False)
+  logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, X)
   assert logits.shape == (6, 10)
   paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
   has_conv_bias = any(p[-2].key.startswith("Conv_") and p[-1].key == "bias" for p in paths)
@@ -68,8 +70,9 @@ def test_inception_shapes_and_bn_placement(bn):
     # one BN per conv unit: stem + 4 modules x 7 units (1 + 2 + 3 + pool 1), mean and var each
     assert len(stats) == 2 * (1 + 4 * 7)
   # Dropout is active only in training.
-  y1 = model.apply(variables, X, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])[0][0]
-  y2 = model.apply(variables, X, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])[0][0]
+  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key},
+                                                 mutable=["batch_stats"])[0][0])
+  y1, y2 = train(variables, X, jax.random.key(0)), train(variables, X, jax.random.key(1))
   assert not np.allclose(y1, y2)
 
 
@@ -77,6 +80,6 @@ def test_inception_accepts_sigmoid_and_synced_norm():
   norm = functools.partial(jaxbn.BatchNorm, axis_name="batch")
   model = InceptionNet(norm=norm, activation=nn.sigmoid, width=4)
   variables = _init(model)  # init needs no bound axis, as in flax
-  out = jax.vmap(lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0][0],
-                 axis_name="batch")(X.reshape(2, 3, 28, 28))
+  out = jax.jit(jax.vmap(lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0][0],
+                         axis_name="batch"))(X.reshape(2, 3, 28, 28))
   assert out.shape == (2, 3, 10) and np.all(np.isfinite(out))
