@@ -13,6 +13,7 @@ import json
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxbn import training
@@ -35,23 +36,30 @@ def runs(tmp_path_factory):
       out = root / f"{bn}-{style}"
       config = dataclasses.replace(base, bn=bn, parallel=style, out=str(out))
       training.train_and_evaluate(config, devices=jax.devices())
-      results[bn, style] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+      metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+      abstract = training.create_train_state(config, (28, 28))
+      checkpoint = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
+          300, args=ocp.args.StandardRestore(abstract))
+      results[bn, style] = metrics, checkpoint
   return results
 
 
 @pytest.mark.parametrize("bn", training.BN_MODES)
 @pytest.mark.parametrize("style", ["shard_map", "pmap"])
 def test_style_gives_the_same_run_as_jit(runs, bn, style):
-  reference, other = runs[bn, "jit"], runs[bn, style]
+  (reference, saved), (other, other_saved) = runs[bn, "jit"], runs[bn, style]
   assert [r["step"] for r in other] == [100, 200, 300]
   for a, b in zip(reference, other):
     for key in KEYS:
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (bn, style, a["step"], key)
+  # The checkpoints are the same portable state: parameters and one pooled set of statistics.
+  assert jax.tree.structure(saved) == jax.tree.structure(other_saved)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), saved, other_saved)
 
 
 def test_per_device_synced_and_renorm_runs_differ(runs):
   for style in training.PARALLEL_STYLES:
-    per_device, synced, renorm = (runs[bn, style][-1] for bn in ("per-device", "sync", "renorm"))
+    per_device, synced, renorm = (runs[bn, style][0][-1] for bn in ("per-device", "sync", "renorm"))
     assert abs(per_device["test_loss"] - synced["test_loss"]) > 1e-3, style
     assert abs(per_device["p50"] - synced["p50"]) > 1e-3, style
     assert abs(per_device["test_loss"] - renorm["test_loss"]) > 1e-3, style

@@ -101,11 +101,10 @@ class Parallel:
   def portable_state(self, state: TrainState) -> TrainState:
     """Host copy of the state with pooled running statistics (call after
     `synchronize`: then every device holds the same values)."""
-    if self.style == "pmap":
+    if self.style == "pmap":  # the first device's values; per-device statistics: its (1, features) row
       state = self._call("first", lambda s: jax.tree.map(lambda a: a[0], s), state)
-    if self.per_device_bn:
-      rows = (lambda s: jax.tree.map(lambda a: a[:, 0] if self.style == "pmap" else a, s))
-      state = state.replace(batch_stats=self._call("pool", lambda s: _pool_rows(rows(s)), state.batch_stats))
+    if self.per_device_bn:  # rows -> one set
+      state = state.replace(batch_stats=self._call("pool", _pool_rows, state.batch_stats))
     return jax.tree.map(_host, state)
 
   # ---- programs -------------------------------------------------------------
