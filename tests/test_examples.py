@@ -28,7 +28,7 @@ def test_fold_bn_example_on_a_train_py_run(tmp_path):
   run = tmp_path / "run"
   trained = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--idx-dir", str(idx),
                             "--data-dir", str(tmp_path / "tfds"), "--bn", "sync", "--devices", "2",
-                            "--batch-size", "6", "--steps", "40", "--eval-every", "20", "--out", str(run),
+                            "--batch-size", "6", "--steps", "20", "--eval-every", "20", "--out", str(run),
                             "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert trained.returncode == 0, trained.stderr[-3000:]
   result = subprocess.run([sys.executable, str(ROOT / "examples" / "fold_bn.py"), str(run)],

@@ -107,7 +107,7 @@ def test_jvp_and_linearize(name):
     _close(f_lin(*t2), jax.jvp(ref, args, t2)[1])
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ["dense", "masked", "synced_vmap"])
 def test_jacfwd_equals_jacrev_equals_reference(name):
   with enable_x64():
     args, f, ref = _case(name)
