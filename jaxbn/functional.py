@@ -161,7 +161,7 @@ def _vary_like(value: jax.Array, like: jax.Array) -> jax.Array:
   """Marks `value` as varying over the manual axes `like` varies over.
 
   Inside shard_map a replicated parameter meets per-device activations; doing
-  this before the custom VJP lets JAX's own transpose of the cast sum the
+  this before the custom JVP lets JAX's own transpose of the cast sum the
   per-device parameter gradients, exactly as plain autodiff would.
   """
   varying = getattr(jax.typeof(like).manual_axis_type, "varying", frozenset())

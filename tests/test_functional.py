@@ -75,7 +75,7 @@ def _autodiff_reference(x, scale, bias, g, axis, mask=None):
 
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES[:3])
 @pytest.mark.parametrize("masked", [False, True])
-def test_custom_vjp_equals_autodiff_and_finite_differences(shape, axis, masked):
+def test_gradient_equals_autodiff_and_finite_differences(shape, axis, masked):
   x, scale, bias, stats = _data(shape, axis, seed=3)
   rng = np.random.default_rng(4)
   g = rng.normal(size=shape)
