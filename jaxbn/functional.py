@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbn.checks import (UnboundAxisNameError, axis_names, check_axis_name, check_feature_array,
+                          check_hyperparameters, check_input, check_mask, feature_axes)
+
 __all__ = ["Moments", "moments", "batch_norm", "combine_groups", "feature_axes", "UnboundAxisNameError"]
 
 AxisName = Hashable | tuple[Hashable, ...]
@@ -45,116 +48,10 @@ class Moments(NamedTuple):
   var: jax.Array
 
 
-# --------------------------------------------------------------------------
-# Argument checks: each names the argument and what was expected.
-
-
-def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
-  """Sorted, non-negative feature axes; `ValueError` if one is out of range."""
-  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
-  if not axes:
-    raise ValueError("axis: expected at least one feature axis, got ().")
-  out = []
-  for a in axes:
-    if not isinstance(a, numbers.Integral):
-      raise TypeError(f"axis: expected int or a sequence of ints, got {axis!r}.")
-    if not -ndim <= a < ndim:
-      raise ValueError(
-          f"axis: feature axis {a} is out of range for input of rank {ndim} "
-          f"(expected -{ndim} <= axis < {ndim})."
-      )
-    out.append(int(a) % ndim)
-  if len(set(out)) != len(out):
-    raise ValueError(f"axis: repeated feature axis in {axis!r}.")
-  return tuple(sorted(out))
-
-
-def _check_input(x) -> jax.Array:
-  """Floating or complex array; integers and booleans become float32 (as in flax)."""
-  if not hasattr(x, "dtype"):
-    x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
-    x = jnp.asarray(x, jnp.float32)
-  elif not jnp.issubdtype(x.dtype, jnp.inexact):
-    raise TypeError(
-        f"x: expected a numeric array (float32, bfloat16, float16, float64, complex "
-        f"or integer), got dtype {x.dtype}.")
-  if x.ndim < 1:
-    raise ValueError("x: expected an array with at least one dimension, got a scalar.")
-  return x
-
-
-def _check_mask(mask, shape) -> jax.Array | None:
-  """Boolean mask broadcastable to `shape`; a 0/1 integer mask counts as boolean."""
-  if mask is None:
-    return None
-  mask = jnp.asarray(mask)
-  if jnp.issubdtype(mask.dtype, jnp.integer):
-    mask = mask != 0
-  elif mask.dtype != jnp.bool_:
-    raise TypeError(f"mask: expected a boolean (or 0/1 integer) array, got dtype {mask.dtype}.")
-  try:
-    out_shape = jnp.broadcast_shapes(mask.shape, shape)
-  except ValueError:
-    out_shape = None
-  if out_shape != tuple(shape):
-    raise ValueError(
-        f"mask: shape {mask.shape} does not broadcast to the input shape {tuple(shape)}."
-    )
-  return mask
-
-
-def _check_feature_array(value, name: str, fshape) -> jax.Array:
-  value = jnp.asarray(value)
-  if value.shape != tuple(fshape):
-    raise ValueError(
-        f"{name}: expected shape {tuple(fshape)} (the size of the feature axes), "
-        f"got {value.shape}."
-    )
-  return value
-
-
-def _check_hyperparameters(momentum, epsilon) -> None:
-  # Traced values cannot be checked here; concrete ones are checked loudly.
-  if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
-    raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}.")
-  if not isinstance(epsilon, numbers.Real):
-    raise TypeError(f"epsilon: expected a Python float, got {type(epsilon).__name__}.")
-  if epsilon < 0:
-    raise ValueError(f"epsilon: expected a non-negative value, got {epsilon}.")
-
-
-def _axis_names(axis_name) -> tuple:
-  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-
-class UnboundAxisNameError(NameError, ValueError):
-  """`axis_name` names an axis that no enclosing transform binds.
-
-  A `NameError`, as flax and equinox raise (and users catch), and a
-  `ValueError`, as every other bad argument to jaxbn.
-  """
-
-
-def _check_axis_name(axis_name) -> None:
-  """Fails with a clear message when no transform binds `axis_name`."""
-  for name in _axis_names(axis_name):
-    try:
-      lax.axis_size(name)
-    except NameError:
-      raise UnboundAxisNameError(
-          f"axis_name: {name!r} is not bound by any enclosing transform. Synced "
-          f"batch statistics need a named axis: call inside jax.pmap(..., "
-          f"axis_name={name!r}), jax.vmap(..., axis_name={name!r}) or "
-          f"jax.shard_map over a mesh with an axis named {name!r}; or pass "
-          f"axis_name=None for per-device statistics."
-      ) from None
-
-
 def _is_manual(axis_name) -> bool:
   """True under shard_map and pmap (manual mesh axes); False under vmap."""
   manual = jax.sharding.get_abstract_mesh().manual_axes
-  return all(name in manual for name in _axis_names(axis_name))
+  return all(name in manual for name in axis_names(axis_name))
 
 
 def _vary_like(value: jax.Array, like: jax.Array) -> jax.Array:
@@ -247,9 +144,9 @@ def _gather_replicas(value, axis_name, axis_index_groups):
     if _is_manual(axis_name):
       return lax.all_gather(value, axis_name, to="invarying")
     # vmap's all_gather takes one name at a time; under vmap it moves no data.
-    for name in reversed(_axis_names(axis_name)):
+    for name in reversed(axis_names(axis_name)):
       value = lax.all_gather(value, name, to="varying")
-    return value.reshape((-1,) + value.shape[len(_axis_names(axis_name)):])
+    return value.reshape((-1,) + value.shape[len(axis_names(axis_name)):])
   slot = [0] * sum(len(g) for g in axis_index_groups)
   for group in axis_index_groups:
     for position, replica in enumerate(group):
@@ -370,13 +267,13 @@ def moments(
     (float64 for float64 input; a complex mean and the real variance of
     |x - mean|^2 for complex input). An empty batch gives count 0, mean 0, var 0.
   """
-  x = _check_input(x)
+  x = check_input(x)
   faxes = feature_axes(x.ndim, axis)
-  mask = _check_mask(mask, x.shape)
+  mask = check_mask(mask, x.shape)
   if batch_groups is not None:
     x, mask, faxes = _group_batch(x, mask, faxes, batch_groups, batch_axis, axis_name)
   if axis_name is not None:
-    _check_axis_name(axis_name)
+    check_axis_name(axis_name)
   return _moments(x, mask, faxes, axis_name, _canonical_groups(axis_index_groups))
 
 
@@ -599,7 +496,7 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
   """batch_norm, and with `renorm_limits=(r_max, d_max)` Batch Renormalization."""
 
 
-  x = _check_input(x)
+  x = check_input(x)
   faxes = feature_axes(x.ndim, axis)
   fshape = tuple(x.shape[a] for a in faxes)
   if batch_groups is not None:
@@ -607,7 +504,7 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
                                epsilon=epsilon, axis_name=axis_name, mask=mask, unbiased=unbiased,
                                skip_nonfinite=skip_nonfinite, dtype=dtype, renorm_limits=renorm_limits,
                                batch_groups=batch_groups, batch_axis=batch_axis)
-  _check_hyperparameters(momentum, epsilon)
+  check_hyperparameters(momentum, epsilon)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
     raise ValueError(
         f"stats: expected a dict with keys 'mean' and 'var', got "
@@ -617,14 +514,14 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
   if unknown:
     raise ValueError(f"params: unexpected keys {sorted(unknown)}; expected 'scale' and/or 'bias'.")
   stat_dtype = _stat_dtype(x.dtype)
-  running_mean = _check_feature_array(stats["mean"], 'stats["mean"]', fshape)
-  running_var = _check_feature_array(stats["var"], 'stats["var"]', fshape)
+  running_mean = check_feature_array(stats["mean"], 'stats["mean"]', fshape)
+  running_var = check_feature_array(stats["var"], 'stats["var"]', fshape)
   param_dtype = jnp.result_type(*params.values()) if params else stat_dtype
-  scale = (_check_feature_array(params["scale"], 'params["scale"]', fshape)
+  scale = (check_feature_array(params["scale"], 'params["scale"]', fshape)
            if "scale" in params else jnp.ones(fshape, param_dtype))
-  bias = (_check_feature_array(params["bias"], 'params["bias"]', fshape)
+  bias = (check_feature_array(params["bias"], 'params["bias"]', fshape)
           if "bias" in params else jnp.zeros(fshape, param_dtype))
-  mask = _check_mask(mask, x.shape)
+  mask = check_mask(mask, x.shape)
   out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
 
   if not training:
@@ -633,7 +530,7 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
     return y, stats
 
   if axis_name is not None:
-    _check_axis_name(axis_name)
+    check_axis_name(axis_name)
   scale, bias = _vary_like(scale, x), _vary_like(bias, x)
   cfg = (faxes, float(epsilon), axis_name, _canonical_groups(axis_index_groups), out_dtype)
   renorm = None
@@ -643,7 +540,7 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
     r_max, d_max, reference, stats_axis_name = renorm_limits
     reference = {"mean": running_mean, "var": running_var} if reference is None else reference
     if stats_axis_name is not None:
-      _check_axis_name(stats_axis_name)
+      check_axis_name(stats_axis_name)
       reference = _pool_over_axis(reference, stats_axis_name)
     reference = {k: jnp.broadcast_to(v, fshape) for k, v in reference.items()}
     renorm = (reference["mean"], reference["var"], jnp.asarray(r_max, stat_dtype),
@@ -689,7 +586,7 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
     pooled = combine_groups(stats) if jnp.shape(stats["mean"]) == gshape else stats
     return _batch_norm(x, params, pooled, training=False, axis=faxes, axis_name=None, mask=mask,
                        **kwargs)[0], stats
-  xg, mask, gaxes = _group_batch(x, None if mask is None else _check_mask(mask, x.shape), faxes,
+  xg, mask, gaxes = _group_batch(x, None if mask is None else check_mask(mask, x.shape), faxes,
                                  batch_groups, batch_axis, axis_name)
   # Under explicit sharding, per-group values follow the batch's sharding.
   group_spec = _explicit_spec(xg, gaxes[0])

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes, initializers
 
-from jaxbn import functional
+from jaxbn import checks, functional
 
 Array = jax.Array
 
@@ -105,7 +105,7 @@ def _normalize(module: BatchNorm, x, use_running_average, mask, renorm_limits):
   """The body of both modules' calls (variables are created in `module`)."""
   use_running_average = nn.merge_param(
       "use_running_average", module.use_running_average, use_running_average)
-  x = functional._check_input(x)
+  x = checks.check_input(x)
   faxes = functional.feature_axes(x.ndim, module.axis)
   fshape = tuple(x.shape[a] for a in faxes)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jaxbn import functional
+from jaxbn import checks, functional
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -114,7 +114,7 @@ class BatchNorm(nnx.Module):
     bias = self.bias[...] if self.bias is not None else None
     x, mean, var, scale, bias = self.promote_dtype(
         (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-    x = functional._check_input(x)
+    x = checks.check_input(x)
     params = {name: value for name, value in (("scale", scale), ("bias", bias))
               if value is not None}
     # flax.nnx's output dtype: the (promoted) input and parameters, or `dtype`.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from jaxbn import functional
+from jaxbn import checks, functional
 from jaxbn.linen import BatchNorm
 
 __all__ = ["sync_batch_stats", "population_stats"]
@@ -53,7 +53,7 @@ def sync_batch_stats(batch_stats, axis_name=None, *, axis_index_groups=None):
   if axis_name is None:
     combine = functional.combine_groups
   else:
-    functional._check_axis_name(axis_name)
+    checks.check_axis_name(axis_name)
     def combine(s):
       mean = lax.pmean(s["mean"], axis_name, axis_index_groups=axis_index_groups)
       spread = jnp.square(s["mean"] - mean)

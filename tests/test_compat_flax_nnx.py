@@ -15,7 +15,6 @@ same keys, and the results must agree.
 """
 
 import inspect
-import typing as tp
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """Bad input gets a clear error naming the argument (SPEC §5)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
