@@ -130,6 +130,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     raise ValueError(f"batch_size: {config.batch_size} x {num_devices} devices exceeds the training set.")
   model, optimizer = make_model(config, num_devices), make_optimizer(config)
   eval_model = make_model(config)  # reads the pooled running statistics
+  renorm_schedule = make_renorm_schedule(config)
   state = create_train_state(config, dataset.train_images.shape[1:])
 
   checkpoints = ocp.CheckpointManager(
@@ -160,7 +161,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   while step < config.steps:
     num_steps = min(config.eval_every - step % config.eval_every, config.steps - step)
     chunk = parallel.train_chunk(state, num_steps, model=model, optimizer=optimizer, seed=config.seed,
-                                 global_batch=global_batch, renorm_schedule=make_renorm_schedule(config))
+                                 global_batch=global_batch, renorm_schedule=renorm_schedule)
     t0 = time.time()
     state, train_loss = chunk(state, train_images, train_labels)
     train_loss = float(np.asarray(train_loss.addressable_shards[0].data).reshape(-1)[0])  # waits

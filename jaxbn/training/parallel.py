@@ -186,10 +186,10 @@ class Parallel:
             lambda s: s.replace(batch_stats=jaxbn.sync_batch_stats(s.batch_stats, AXIS)),
             axis_name=AXIS, devices=self.devices if jax.process_count() == 1 else None)
       return self._jitted["sync"](state)
-    pooled = lambda s: s.replace(batch_stats=_widen_rows(_pool_rows(s.batch_stats), self.num_devices))
-    synced = self._call("sync", pooled, state)
-    return synced.replace(batch_stats=self._call(
-        "reshard", lambda t: jax.sharding.reshard(t, P(AXIS)), synced.batch_stats))
+    def pooled(s):  # rows := the pooled set, still one row per device
+      rows = _widen_rows(_pool_rows(s.batch_stats), self.num_devices)
+      return s.replace(batch_stats=jax.tree.map(lambda a: jax.sharding.reshard(a, P(AXIS)), rows))
+    return self._call("sync", pooled, state)
 
 
 def _host(array) -> np.ndarray:
