@@ -4,8 +4,10 @@
 
 Each run's output goes to RUNS/SIZE/EXPERIMENT/NAME; a finished run is skipped
 and an interrupted one resumes from its checkpoint, so the whole set can be
-restarted. Metrics and configs are copied to REPORTS/SIZE/data/ with the
-exact command, wall time, commit and machine in meta.json.
+restarted. Metrics and configs are copied to REPORTS/SIZE/data/EXPERIMENT/,
+with each run's exact command, wall time, commit and machine in that
+directory's runs.json (one file per experiment, so that runs of different
+experiments can go on in parallel: `--only e1` and `--only e2,e3`).
 """
 
 from __future__ import annotations
@@ -55,29 +57,29 @@ def main(argv=None):
   args = parser.parse_args(argv)
   only = set(args.only.split(",")) if args.only else None
   data_root = ROOT / args.reports / args.size / "data"
-  meta_path = data_root / "meta.json"
-  meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
-  meta.update(size=args.size, machine=_machine(), commit=commit)
 
   plan = [r for r in runs(args.size) if only is None or r.experiment in only]
   for i, run in enumerate(plan, 1):
+    meta_path = data_root / run.experiment / "runs.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
+    meta.update(size=args.size, machine=_machine())
     out = ROOT / args.runs / args.size / run.experiment / run.name
     command = ["python", "train.py", *run.args, "--data-dir", args.data_dir,
                "--out", str(Path(args.runs) / args.size / run.experiment / run.name)]
-    key = f"{run.experiment}/{run.name}"
+    key = run.name
     if _finished(out):
-      print(f"[{i}/{len(plan)}] {key}: done already", flush=True)
+      print(f"[{i}/{len(plan)}] {run.experiment}/{key}: done already", flush=True)
     else:
-      print(f"[{i}/{len(plan)}] {key}: {' '.join(command)}", flush=True)
+      print(f"[{i}/{len(plan)}] {run.experiment}/{key}: {' '.join(command)}", flush=True)
       start = time.time()
       result = subprocess.run([sys.executable, *command[1:], "--resume", "--no-progress"], cwd=ROOT)
       if result.returncode != 0:
-        sys.exit(f"{key} failed with exit code {result.returncode}")
+        sys.exit(f"{run.experiment}/{key} failed with exit code {result.returncode}")
       meta["runs"][key] = {"command": " ".join(command), "wall_time_s": round(time.time() - start, 1),
-                           "labels": run.labels}
-    meta["runs"].setdefault(key, {"command": " ".join(command), "labels": run.labels})
+                           "commit": commit, "labels": run.labels}
+    meta["runs"].setdefault(key, {"command": " ".join(command), "commit": commit, "labels": run.labels})
     target = data_root / run.experiment
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "metrics.jsonl", target / f"{run.name}.jsonl")
