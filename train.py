@@ -42,6 +42,9 @@ FLAGS = {
     "width": (int, "inception channel multiplier"),
     "bn_momentum": (float, "running-average decay of BN statistics (flax meaning)"),
     "eval_every": (int, "evaluate on the whole test set every N steps (also the steps per dispatch)"),
+    "population_batches": (int, "also evaluate with population statistics (paper Algorithm 2) over N "
+                                "training batches of the size BN normalizes over in training (one device's "
+                                "for per-device BN); 0: off"),
     "checkpoint_every": (int, "checkpoint every N steps, a multiple of --eval-every "
                               "(default: 10,000 rounded up to one), and at the end"),
     "seed": (int, "random seed (initialization, data order, dropout)"),

@@ -83,3 +83,20 @@ def test_inception_accepts_sigmoid_and_synced_norm():
   out = jax.jit(jax.vmap(lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0][0],
                          axis_name="batch"))(X.reshape(2, 3, 28, 28))
   assert out.shape == (2, 3, 10) and np.all(np.isfinite(out))
+
+
+def test_inception_dropout_on_a_batch_sharded_explicit_mesh():
+  """Regression: train.py's jit style (batch sharded on an Explicit mesh) failed in
+  flax's nn.Dropout, whose lax.select refuses a replicated mask for a sharded input."""
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+  model = InceptionNet(norm=jaxbn.BatchNorm, width=4, dropout=0.5)
+  variables = _init(model)
+  x = np.random.default_rng(0).random((16, 28, 28), np.float32)
+  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key},
+                                                 mutable=["batch_stats"])[0][0])
+  with jax.set_mesh(mesh):
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    y1, y2 = train(variables, x, jax.random.key(0)), train(variables, x, jax.random.key(1))
+  assert y1.sharding.spec[0] == "batch"
+  assert not np.allclose(y1, y2)  # the mask acted

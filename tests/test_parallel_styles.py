@@ -1,7 +1,8 @@
 """train.py's three parallel styles (jit, shard_map, pmap) give the same run.
 
 For each BN mode (Batch Renorm included), 200 steps on 8 host devices from the same seed;
-the metrics of the styles agree to 1e-5, and per-device BN differs from
+the metrics of the styles agree to 1e-5 (for per-device and synced BN also the
+evaluation with population statistics), and per-device BN differs from
 synced BN. The run uses a small learning rate on purpose: at large ones this
 training is chaotic (float rounding of 1e-7, which the styles' different
 reduction orders produce, grows tenfold every ~20 steps at lr 0.1), and the
@@ -16,10 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxbn import training
+import jaxbn
+from jaxbn import data, training
 from tests.idx_files import make_dataset, write_dataset
 
 KEYS = ("train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
+POPULATION_KEYS = ("test_loss_population", "test_accuracy_population")
+POPULATION_BATCHES = 5
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +38,15 @@ def runs(tmp_path_factory):
   for bn in training.BN_MODES:
     for style in training.PARALLEL_STYLES:
       out = root / f"{bn}-{style}"
-      config = dataclasses.replace(base, bn=bn, parallel=style, out=str(out))
+      config = dataclasses.replace(base, bn=bn, parallel=style, out=str(out),
+                                   population_batches=POPULATION_BATCHES if bn in ("per-device", "sync") else 0)
       training.train_and_evaluate(config, devices=jax.devices())
       metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
       abstract = training.create_train_state(config, (28, 28))
       checkpoint = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
           200, args=ocp.args.StandardRestore(abstract))
       results[bn, style] = metrics, checkpoint
+  results["config"] = base
   return results
 
 
@@ -50,7 +56,8 @@ def test_style_gives_the_same_run_as_jit(runs, bn, style):
   (reference, saved), (other, other_saved) = runs[bn, "jit"], runs[bn, style]
   assert [r["step"] for r in other] == [100, 200]
   for a, b in zip(reference, other):
-    for key in KEYS:
+    assert all(key in a for key in POPULATION_KEYS) == (bn in ("per-device", "sync"))
+    for key in KEYS + tuple(k for k in POPULATION_KEYS if k in a):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (bn, style, a["step"], key)
   # The checkpoints are the same portable state: parameters and one pooled set of statistics.
   assert jax.tree.structure(saved) == jax.tree.structure(other_saved)
@@ -63,3 +70,29 @@ def test_per_device_synced_and_renorm_runs_differ(runs):
     assert abs(per_device["test_loss"] - synced["test_loss"]) > 1e-3, style
     assert abs(per_device["p50"] - synced["p50"]) > 1e-3, style
     assert abs(per_device["test_loss"] - renorm["test_loss"]) > 1e-3, style
+
+
+@pytest.mark.parametrize("bn", ["per-device", "sync"])
+def test_population_evaluation_is_algorithm_2_of_the_final_weights(runs, bn):
+  """The recorded population accuracy, recomputed here: Algorithm 2 over batches of
+  the size BN normalized over in training (one device's 8 examples for per-device
+  BN, the global 64 for synced BN), from the run's checkpointed weights."""
+  metrics, saved = runs[bn, "jit"]
+  config = dataclasses.replace(runs["config"], bn=bn)
+  dataset = data.load(config.dataset, data_dir=config.data_dir, idx_dir=config.idx_dir)
+  size = config.batch_size * (8 if bn == "sync" else 1)
+  order = np.random.default_rng(config.seed).permutation(len(dataset.train_images))
+  batches = [dataset.train_images[order[i * size:(i + 1) * size]].astype(np.float32) / 255
+             for i in range(POPULATION_BATCHES)]
+  model = training.make_model(config)
+  variables = {"params": saved.params, "batch_stats": saved.batch_stats}
+  population = jaxbn.population_stats(model, variables, batches, train=False)
+  logits, _ = model.apply({**variables, "batch_stats": population},
+                          dataset.test_images.astype(np.float32) / 255, train=False)
+  accuracy = float(np.mean(np.argmax(logits, -1) == dataset.test_labels))
+  assert metrics[-1]["test_accuracy_population"] == pytest.approx(accuracy, abs=1e-6)
+  # and it is not the running-average evaluation under another name
+  differences = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), population,
+                             saved.batch_stats)
+  assert max(jax.tree.leaves(differences)) > 1e-3
+

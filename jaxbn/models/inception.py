@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 
@@ -78,5 +79,10 @@ class InceptionNet(nn.Module):
     x = module(4)(x, train)
     x = module(4)(x, train)
     x = x.mean(axis=(1, 2))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if train and self.dropout > 0:
+      # jnp.where, not nn.Dropout's lax.select: under jit on an Explicit mesh x is
+      # batch-sharded and the mask replicated, which lax.select refuses.
+      keep = 1.0 - self.dropout
+      mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+      x = jnp.where(mask, x / keep, 0.0)
     return nn.Dense(self.num_classes)(x), {}

@@ -43,6 +43,7 @@ class Config:
   width: int = 4                      # InceptionNet channel multiplier
   bn_momentum: float = 0.99
   eval_every: int = 1000
+  population_batches: int = 0         # >0: also evaluate with Algorithm 2's statistics over this many batches
   checkpoint_every: int | None = None  # None: every 10,000 steps, rounded up to a multiple of eval_every
   seed: int = 0
   out: str = "runs/default"
@@ -60,6 +61,10 @@ class Config:
         _fail(name, f"expected a positive integer, got {getattr(self, name)}")
     if self.devices is not None and self.devices < 1:
       _fail("devices", f"expected a positive integer, got {self.devices}")
+    if not isinstance(self.population_batches, int) or self.population_batches < 0:
+      _fail("population_batches", f"expected 0 (off) or a positive integer, got {self.population_batches}")
+    if self.population_batches and self.bn not in ("per-device", "sync"):
+      _fail("population_batches", f"needs --bn per-device or sync (BN's training statistics), got --bn {self.bn}")
     if self.lr_decay_steps < 0:
       _fail("lr_decay_steps", f"expected 0 (off) or a positive integer, got {self.lr_decay_steps}")
     for name in ("lr", "init_std", "lr_decay_rate"):
@@ -96,6 +101,11 @@ class Config:
 
 def _fail(name: str, message: str):
   raise ConfigError(f"--{name.replace('_', '-')}: {message}")
+
+
+def statistics_batch(config: Config, num_devices: int) -> int:
+  """The examples one BN statistic is computed over in training."""
+  return config.batch_size * (num_devices if config.bn == "sync" else 1)
 
 
 def per_device_statistics(config: Config) -> bool:

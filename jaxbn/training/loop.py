@@ -16,9 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+import jaxbn
 from jaxbn import data as data_lib
-from jaxbn.training import rundir
-from jaxbn.training.config import Config, per_device_statistics
+from jaxbn.training import rundir, steps
+from jaxbn.training.config import Config, per_device_statistics, statistics_batch
 from jaxbn.training.parallel import Parallel
 from jaxbn.training.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
 
@@ -101,6 +102,23 @@ def _split_test_set(images, labels, num_devices, chunk):
   return shape(pad(images)), shape(pad(labels)), shape(valid)
 
 
+def population_batches(config: Config, images, num_devices: int):
+  """Algorithm 2's training batches: `config.population_batches` disjoint
+  batches of the size BN's statistics had in training, from a fixed sample of
+  the training set (the same one at every evaluation)."""
+  size = statistics_batch(config, num_devices)
+  count = min(config.population_batches, images.shape[0] // size)
+  order = np.random.default_rng(config.seed).permutation(images.shape[0])[:count * size]
+  return np.asarray(steps.preprocess(images[order])).reshape(count, size, *images.shape[1:])
+
+
+def with_population_statistics(state, model, batches):
+  """The (portable) state with its running averages replaced by Algorithm 2's
+  population statistics of its current weights."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, train=False))
+
+
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or infinite: the run stops."""
 
@@ -152,6 +170,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   test_host = _split_test_set(dataset.test_images, dataset.test_labels, num_devices, EVAL_CHUNK)
   test = parallel.shard(test_host)
   valid = test_host[2].reshape(-1)
+  population = population_batches(config, dataset.train_images, num_devices) if config.population_batches else None
 
   step = int(resume_step or 0)
   # wall_time (seconds) continues across a resume
@@ -173,6 +192,11 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
               "test_accuracy": sums["correct"] / sums["count"],
               "wall_time": time.time() - start_time,
               "steps_per_sec": steps_per_sec}
+    if population is not None:
+      pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population)
+      pop_sums, _ = parallel.evaluate(parallel.put_state(pop_state), *test, model=eval_model, chunk=EVAL_CHUNK)
+      record.update(test_loss_population=pop_sums["loss"] / pop_sums["count"],
+                    test_accuracy_population=pop_sums["correct"] / pop_sums["count"])
     if config.model == "mlp":
       values = tracked[valid]
       record.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))})

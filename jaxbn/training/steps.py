@@ -20,7 +20,8 @@ import jaxbn
 from jaxbn.training.state import AXIS, TrainState
 
 
-def _preprocess(images):
+def preprocess(images):
+  """uint8 pixels -> float32 in [0, 1]."""
   return images.astype(jnp.float32) / 255.0
 
 
@@ -55,7 +56,7 @@ def train_step(state: TrainState, images, labels, model, optimizer, dropout_key,
         _with_renorm_limits(renorm_schedule(state.step))
     with limits:
       (logits, _), updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, _preprocess(images), train=True,
+          {"params": params, "batch_stats": state.batch_stats}, preprocess(images), train=True,
           mutable=["batch_stats"], rngs={"dropout": dropout_key})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, updates.get("batch_stats", {})
@@ -130,7 +131,7 @@ def eval_step(state: TrainState, images, labels, valid, model, chunk: int, local
 
   def body(_, batch):
     x, y, v = batch
-    logits, extras = model.apply(variables, _preprocess(x), train=False)
+    logits, extras = model.apply(variables, preprocess(x), train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     correct = (jnp.argmax(logits, -1) == y)
     tracked = extras.get("last_preactivation", jnp.zeros((x.shape[0], 1)))[:, 0]
