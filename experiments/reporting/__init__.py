@@ -1,0 +1,1 @@
+"""The report's pieces: loading the committed metrics (`results`) and one module per experiment."""
