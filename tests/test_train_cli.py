@@ -22,6 +22,9 @@ from tests.idx_files import make_dataset, write_dataset  # noqa: E402
     (["--dropout", "1.5"], "--dropout"), (["--bn-momentum", "2"], "--bn-momentum"), (["--steps", "0"], "--steps"),
     (["--bn", "global"], "--bn"), (["--process-id", "1"], "--coordinator"),
     (["--resume", "--overwrite"], "--overwrite"), (["--init-std", "inf"], "--init-std"),
+    (["--population-batches", "-1", "--bn", "sync"], "--population-batches"),
+    (["--population-batches", "10"], "--population-batches"),  # --bn none has no statistics
+    (["--population-batches", "10", "--bn", "renorm"], "--population-batches"),
 ])
 def test_bad_flags_are_one_line_usage_errors(flags, flag, capsys):
   with pytest.raises(SystemExit) as exit_info:
