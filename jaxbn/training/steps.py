@@ -132,7 +132,10 @@ def eval_step(state: TrainState, images, labels, valid, model, chunk: int, local
   def body(_, batch):
     x, y, v = batch
     logits, extras = model.apply(variables, preprocess(x), train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    # log_softmax, not optax's loss: under jit-style evaluation (vmap over the
+    # device-sharded axis of an Explicit mesh) optax's logsumexp select fails
+    # JAX's sharding check for some models (the sigmoid Inception net).
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
     correct = (jnp.argmax(logits, -1) == y)
     tracked = extras.get("last_preactivation", jnp.zeros((x.shape[0], 1)))[:, 0]
     return None, (jnp.sum(jnp.where(v, loss, 0)), jnp.sum(v & correct), tracked)
