@@ -47,6 +47,13 @@ def _machine() -> str:
   return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (CPU host devices)"
 
 
+def _commit() -> str:
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                         capture_output=True, text=True)
+  return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=["default", "full"], default="default")
@@ -57,11 +64,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   only = set(args.only.split(",")) if args.only else None
   data_root = ROOT / args.reports / args.size / "data"
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
 
   plan = [r for r in runs(args.size) if only is None or r.experiment in only]
   for i, run in enumerate(plan, 1):
+    commit = _commit()  # per run: the tree may move on while a long set runs
     meta_path = data_root / run.experiment / "runs.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
     meta.update(size=args.size, machine=_machine())

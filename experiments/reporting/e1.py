@@ -72,7 +72,7 @@ def _figure(title: str, pairs, path: Path) -> None:
                     label="min–max over seeds")
   lead.set(title="(a′) BN's lead: accuracy with BN − without", xlabel="training steps",
            ylabel="accuracy difference", xlim=(0, steps[-1]))
-  lead.legend(loc="lower right", framealpha=0.9)
+  lead.legend(loc="upper right", framealpha=0.9)
   for ax, index, name in ((no_bn, 0, "(b) without BN"), (with_bn, 1, "(c) with BN")):
     run = pairs[0][index]
     for key, label, color, style in PERCENTILES:
@@ -133,7 +133,7 @@ def _sweep(sweep: list[Run], out: Path) -> tuple[str, dict]:
   ax.axhline(0.1, color="gray", lw=0.8, ls="--", label="chance (the net stopped training)")
   ax.set(xscale="log", xlabel="learning rate (plain SGD, init std 0.1)", ylabel="final test accuracy",
          ylim=(0, 1), title=f"Learning-rate sweep, {sweep[0].steps[-1]:,} steps, seed 0")
-  ax.legend(loc="lower left")
+  ax.legend(loc="center left")
   fig.tight_layout()
   fig.savefig(out / "e1_sweep.png", dpi=100)
   plt.close(fig)
