@@ -127,7 +127,7 @@ def runs(size: str) -> list[Run]:
       for mode, bn, devices in E3_MODES:
         for style in (s["e3_styles"] if i == 0 and devices > 1 else ("jit",)):
           per_device = batch if devices > 1 else 8 * batch
-          extra = {} if bn == "none" else {"population_batches": s["population_batches"]}
+          extra = {"population_batches": s["population_batches"]} if bn in ("per-device", "sync") else {}
           plan.append(Run("e3", f"{bn}-{style}-d{devices}-b{per_device}-seed{seed}", _flags(
               model="mlp", bn=bn, parallel=style, lr=E3_LR, devices=devices, batch_size=per_device,
               steps=s["e3_steps"], eval_every=s["e3_eval"], checkpoint_every=s["e3_steps"], seed=seed,
