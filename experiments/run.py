@@ -1,6 +1,6 @@
 """Runs the experiments' train.py commands and collects their metrics.
 
-    python experiments/run.py --size {default,full} [--only e1,e3] [--runs runs] [--reports reports]
+    python experiments/run.py --size {default,full} [--only e1,e3] [--match seed1] [--runs runs]
 
 Each run's output goes to RUNS/SIZE/EXPERIMENT/NAME; a finished run is skipped
 and an interrupted one resumes from its checkpoint, so the whole set can be
@@ -58,6 +58,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=["default", "full"], default="default")
   parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3)")
+  parser.add_argument("--match", help="only the runs whose name contains this (e.g. seed1)")
   parser.add_argument("--runs", default="runs")
   parser.add_argument("--reports", default="reports")
   parser.add_argument("--data-dir", default="data")
@@ -65,7 +66,8 @@ def main(argv=None):
   only = set(args.only.split(",")) if args.only else None
   data_root = ROOT / args.reports / args.size / "data"
 
-  plan = [r for r in runs(args.size) if only is None or r.experiment in only]
+  plan = [r for r in runs(args.size)
+          if (only is None or r.experiment in only) and (args.match is None or args.match in r.name)]
   for i, run in enumerate(plan, 1):
     commit = _commit()  # per run: the tree may move on while a long set runs
     meta_path = data_root / run.experiment / "runs.json"
