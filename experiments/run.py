@@ -70,13 +70,10 @@ def main(argv=None):
           if (only is None or r.experiment in only) and (args.match is None or args.match in r.name)]
   for i, run in enumerate(plan, 1):
     commit = _commit()  # per run: the tree may move on while a long set runs
-    meta_path = data_root / run.experiment / "runs.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
-    meta.update(size=args.size, machine=_machine())
     out = ROOT / args.runs / args.size / run.experiment / run.name
     command = ["python", "train.py", *run.args, "--data-dir", args.data_dir,
                "--out", str(Path(args.runs) / args.size / run.experiment / run.name)]
-    key = run.name
+    key, record = run.name, None
     if _finished(out):
       print(f"[{i}/{len(plan)}] {run.experiment}/{key}: done already", flush=True)
     else:
@@ -85,8 +82,14 @@ def main(argv=None):
       result = subprocess.run([sys.executable, *command[1:], "--resume", "--no-progress"], cwd=ROOT)
       if result.returncode != 0:
         sys.exit(f"{run.experiment}/{key} failed with exit code {result.returncode}")
-      meta["runs"][key] = {"command": " ".join(command), "wall_time_s": round(time.time() - start, 1),
-                           "commit": commit, "labels": run.labels}
+      record = {"command": " ".join(command), "wall_time_s": round(time.time() - start, 1),
+                "commit": commit, "labels": run.labels}
+    # read just before writing: another run.py may be running other runs of this experiment
+    meta_path = data_root / run.experiment / "runs.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
+    meta.update(size=args.size, machine=_machine())
+    if record:
+      meta["runs"][key] = record
     meta["runs"].setdefault(key, {"command": " ".join(command), "commit": commit, "labels": run.labels})
     target = data_root / run.experiment
     target.mkdir(parents=True, exist_ok=True)
