@@ -235,7 +235,8 @@ def combine_groups(stats: dict[str, Any]) -> dict[str, jax.Array]:
   """
   mean = jnp.mean(stats["mean"], 0)
   spread = jnp.mean(_abs_sq(stats["mean"] - mean), 0)
-  return {"mean": mean, "var": jnp.mean(stats["var"], 0) + spread.astype(stats["var"].dtype)}
+  var = jnp.mean(stats["var"], 0)  # a JAX dtype (NumPy float64 becomes float32 without x64)
+  return {"mean": mean, "var": var + spread.astype(var.dtype)}
 
 
 def moments(
