@@ -70,7 +70,7 @@ def report(results: Results, out: Path, size: str) -> dict:
   time_ax.minorticks_off()
   time_ax.set(xticks=batches, xticklabels=batches, xlabel="per-device batch (8 devices)", ylim=(0, None),
               ylabel="ms per training step", title="Training-chunk time per step (8 host devices, 2 CPU cores)")
-  time_ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+  time_ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
   fig.tight_layout()
   fig.savefig(out / "e3.png", dpi=100)
   plt.close(fig)
