@@ -166,3 +166,35 @@ def test_per_device_renorm_corrects_toward_the_pooled_statistics():
   put = lambda a: jax.device_put(a, NamedSharding(mesh, P("d")))
   y_map = run(put(x.reshape(48, 4)), jax.tree.map(put, rows))
   np.testing.assert_allclose(np.asarray(y_map).reshape(8, 6, 4), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_and_axis_renorm_agree_in_gradients_and_statistics():
+  """What train.py's jit style (batch_groups) and shard_map/pmap styles (stats_axis_name)
+  compute for per-device Batch Renorm at 2 examples per device, where r and d clip: the
+  same outputs, gradients and new running statistics, up to float rounding."""
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(16, 4)) * 2 + 1).astype(np.float32)
+  rows = {"mean": rng.normal(size=(8, 4)).astype(np.float32), "var": rng.uniform(0.5, 3, (8, 4)).astype(np.float32)}
+  params = {"scale": rng.uniform(0.5, 2, 4).astype(np.float32), "bias": rng.normal(size=4).astype(np.float32)}
+  kw = dict(training=True, r_max=1.5, d_max=0.5, momentum=0.9)
+  pooled_sigma = np.sqrt(rows["var"].mean(0) + rows["mean"].var(0) + 1e-5)
+  r = np.sqrt(x.reshape(8, 2, 4).var(1) + 1e-5) / pooled_sigma
+  assert np.any((r < 1 / 1.5) | (r > 1.5)) and np.any((r > 1 / 1.5) & (r < 1.5))  # clipped and not
+
+  def grouped(x, p):
+    y, s = jaxbn.batch_renorm(x, p, rows, batch_groups=8, **kw)
+    return jnp.sum(jnp.sin(y)), (y, s)
+  (_, (y, stats)), (dx, dp) = jax.value_and_grad(grouped, argnums=(0, 1), has_aux=True)(x, params)
+
+  def per_device(x, r):
+    def f(x, p):
+      y, s = jaxbn.batch_renorm(x, p, r, stats_axis_name="d", **kw)
+      return jnp.sum(jnp.sin(y)), (y, s)
+    (_, (y, s)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, params)
+    return y, s, grads
+  y_d, stats_d, (dx_d, dp_d) = jax.vmap(per_device, axis_name="d")(x.reshape(8, 2, 4), rows)
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  close(y_d.reshape(16, 4), y)
+  close(dx_d.reshape(16, 4), dx)
+  jax.tree.map(lambda a, b: close(a.sum(0), b), dp_d, dp)  # each device's share of the parameter gradient
+  jax.tree.map(close, stats_d, stats)  # one row per device
