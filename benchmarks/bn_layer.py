@@ -26,11 +26,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import jaxbn  # noqa: E402
-from benchmarks import common  # noqa: E402
+import jaxbn
+from benchmarks import common
 
-SHAPES = [((4096, 1024), jnp.float32), ((128, 32, 32, 64), jnp.float32), ((32, 28, 28, 256), jnp.float32),
-          ((128, 32, 32, 64), jnp.bfloat16), ((32, 28, 28, 256), jnp.bfloat16)]
+SHAPES = [
+  ((4096, 1024), jnp.float32),
+  ((128, 32, 32, 64), jnp.float32),
+  ((32, 28, 28, 256), jnp.float32),
+  ((128, 32, 32, 64), jnp.bfloat16),
+  ((32, 28, 28, 256), jnp.bfloat16),
+]
 
 
 def candidates(shape, dtype):
@@ -48,15 +53,19 @@ def candidates(shape, dtype):
     # dtype=: how mixed-precision models run BN (otherwise flax outputs float32)
     layer = cls(use_running_average=False, dtype=dtype, **kw)
     variables = layer.init(jax.random.key(0), x)
+
     def apply(x, variables):
       y, updates = layer.apply(variables, x, mutable=["batch_stats"])
       return y, updates
+
     return apply, variables
 
   impls = {"jaxbn.batch_norm": (function, (params, stats))}
-  for name, (cls, kw) in {"jaxbn.BatchNorm": (jaxbn.BatchNorm, {}),
-                          "flax": (nn.BatchNorm, {}),
-                          "flax (use_fast_variance=False)": (nn.BatchNorm, {"use_fast_variance": False})}.items():
+  for name, (cls, kw) in {
+    "jaxbn.BatchNorm": (jaxbn.BatchNorm, {}),
+    "flax": (nn.BatchNorm, {}),
+    "flax (use_fast_variance=False)": (nn.BatchNorm, {"use_fast_variance": False}),
+  }.items():
     apply, variables = module(cls, **kw)
     impls[name] = (apply, (variables,))
 
@@ -79,17 +88,21 @@ def candidates(shape, dtype):
     def forward_backward(x, *a):
       y, vjp = jax.vjp(lambda x: f(x, *a)[0], x)
       return y, vjp(w)[0]
+
     return forward_backward
 
   backward = {name: grad_of(f) for name, (f, _) in impls.items()}
   backward_args = dict(forward_args)
   backward["floor"], backward_args["floor"] = floor_backward, (x, w)
   from flax.linen.normalization import _compute_stats
-  statistics = {"jaxbn.moments": lambda x: jaxbn.moments(x),
-                "flax": lambda x: _compute_stats(x, raxes, None),
-                "flax (use_fast_variance=False)": lambda x: _compute_stats(x, raxes, None, use_fast_variance=False),
-                "floor": lambda x: jnp.sum(x.astype(jnp.float32), raxes)}
-  statistics_args = {name: (x,) for name in statistics}
+
+  statistics = {
+    "jaxbn.moments": lambda x: jaxbn.moments(x),
+    "flax": lambda x: _compute_stats(x, raxes, None),
+    "flax (use_fast_variance=False)": lambda x: _compute_stats(x, raxes, None, use_fast_variance=False),
+    "floor": lambda x: jnp.sum(x.astype(jnp.float32), raxes),
+  }
+  statistics_args = dict.fromkeys(statistics, (x,))
   return statistics, statistics_args, forward, forward_args, backward, backward_args
 
 
@@ -100,15 +113,28 @@ def main(argv=None):
   rows = []
   for shape, dtype in SHAPES:
     statistics, statistics_args, forward, forward_args, backward, backward_args = candidates(shape, dtype)
-    for mode, fns, fargs in (("statistics", statistics, statistics_args), ("forward", forward, forward_args),
-                             ("fwd+bwd", backward, backward_args)):
+    for mode, fns, fargs in (
+      ("statistics", statistics, statistics_args),
+      ("forward", forward, forward_args),
+      ("fwd+bwd", backward, backward_args),
+    ):
       times = common.time_interleaved(fns, fargs, rounds=args.rounds)
       for name, seconds in times.items():
-        rows.append({"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name, "mode": mode,
-                     "impl": name, "ms": seconds * 1e3,
-                     "vs flax": seconds / times["flax"], "vs floor": seconds / times["floor"]})
-      print(f"{shape} {jnp.dtype(dtype).name} {mode}: " +
-            ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()), flush=True)
+        rows.append(
+          {
+            "shape": "x".join(map(str, shape)),
+            "dtype": jnp.dtype(dtype).name,
+            "mode": mode,
+            "impl": name,
+            "ms": seconds * 1e3,
+            "vs flax": seconds / times["flax"],
+            "vs floor": seconds / times["floor"],
+          }
+        )
+      print(
+        f"{shape} {jnp.dtype(dtype).name} {mode}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()),
+        flush=True,
+      )
   path = common.save("bn_layer", rows, "python benchmarks/bn_layer.py " + " ".join(argv or sys.argv[1:]))
   print()
   print(common.table(rows, ["shape", "dtype", "mode", "impl", "ms", "vs flax", "vs floor"]))

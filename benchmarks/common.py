@@ -31,7 +31,7 @@ def time_interleaved(fns: dict, args: dict, rounds: int = 30, inner: int = 3, ji
   samples = {name: [] for name in fns}
   names = list(compiled)
   for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in names[r % len(names) :] + names[: r % len(names)]:
       fn = compiled[name]
       start = time.perf_counter()
       for _ in range(inner):
@@ -51,23 +51,31 @@ def machine() -> dict:
         break
   except OSError:
     pass
-  return {"platform": device.platform, "device_kind": device.device_kind,
-          "devices": jax.device_count(), "cpu": cpu, "cores": os.cpu_count(),
-          "jax": jax.__version__}
+  return {
+    "platform": device.platform,
+    "device_kind": device.device_kind,
+    "devices": jax.device_count(),
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "jax": jax.__version__,
+  }
 
 
 def commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, check=True).stdout.strip()
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
   """A markdown table of `rows` restricted to `columns`."""
+
   def fmt(v):
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
@@ -92,7 +100,18 @@ def save(name: str, rows: list[dict], command: str) -> Path:
   RESULTS.mkdir(exist_ok=True)
   path = result_path(name)
   env = " ".join(f"{k}={v}" for k, v in malloc_tuning().items())
-  path.write_text(json.dumps({"command": f"{env} {command}".strip(), "commit": commit(),
-                              "machine": machine(), "malloc_tuning": malloc_tuning(),
-                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows}, indent=2) + "\n")
+  path.write_text(
+    json.dumps(
+      {
+        "command": f"{env} {command}".strip(),
+        "commit": commit(),
+        "machine": machine(),
+        "malloc_tuning": malloc_tuning(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "rows": rows,
+      },
+      indent=2,
+    )
+    + "\n"
+  )
   return path

@@ -24,7 +24,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn  # noqa: E402
@@ -59,17 +60,19 @@ def layer_programs(style: str, mode: str, devices):
   texts = []
   for fn in (forward, backward):
     if style == "pmap":
-      stack = lambda a: np.broadcast_to(a, (d, *a.shape))
+      stack = lambda a, d=d: np.broadcast_to(a, (d, *a.shape))
       # Per-device: each device sees its own row of the (devices, features) statistics.
-      stats = jax.tree.map(lambda a: a[:, None] if per_device else stack(a), variables["batch_stats"])
+      stats = jax.tree.map(lambda a, stack=stack: a[:, None] if per_device else stack(a), variables["batch_stats"])
       stacked = {"params": jax.tree.map(stack, variables["params"]), "batch_stats": stats}
       texts.append(jax.pmap(fn, axis_name=training.AXIS).lower(stacked, x.reshape(d, b, c)).compile().as_text())
       continue
     with jax.set_mesh(mesh):
       xs = jax.device_put(x, NamedSharding(mesh, P(training.AXIS)))
       stats_spec = P(training.AXIS) if per_device else P()
-      placed = {"params": variables["params"],
-                "batch_stats": jax.device_put(variables["batch_stats"], NamedSharding(mesh, stats_spec))}
+      placed = {
+        "params": variables["params"],
+        "batch_stats": jax.device_put(variables["batch_stats"], NamedSharding(mesh, stats_spec)),
+      }
       if style == "shard_map":
         specs = {"params": P(), "batch_stats": stats_spec}
         out = (P(training.AXIS), {"batch_stats": stats_spec}) if fn is forward else P(training.AXIS)
@@ -88,8 +91,9 @@ def main(argv=None):
   for mode in MODES:
     for style in STYLES:
       fwd, both = layer_programs(style, mode, devices)
-      rows.append({"BN": mode, "style": style, "collectives fwd": collectives(fwd),
-                   "collectives fwd+bwd (dx)": collectives(both)})
+      rows.append(
+        {"BN": mode, "style": style, "collectives fwd": collectives(fwd), "collectives fwd+bwd (dx)": collectives(both)}
+      )
   print(common.table(rows, list(rows[0])))
 
   rng = np.random.default_rng(0)
@@ -101,22 +105,30 @@ def main(argv=None):
       config = training.Config(model="mlp", bn=mode, parallel=style, batch_size=8, lr=0.5)
       parallel = training.Parallel(style, devices, per_device_bn=mode == "per-device")
       state = parallel.put_state(training.create_train_state(config, (28, 28)))
-      chunk = parallel.train_chunk(state, CHUNK_STEPS, model=training.make_model(config, len(devices)),
-                                   optimizer=training.make_optimizer(config), seed=0, global_batch=8 * len(devices))
+      chunk = parallel.train_chunk(
+        state,
+        CHUNK_STEPS,
+        model=training.make_model(config, len(devices)),
+        optimizer=training.make_optimizer(config),
+        seed=0,
+        global_batch=8 * len(devices),
+      )
       data = parallel.replicate((images, labels))
       # Donation consumes the state: every call gets a fresh copy.
-      fns[f"{mode} {style}"] = lambda s, i, l, chunk=chunk: chunk(jax.tree.map(jnp.copy, s), i, l)
+      fns[f"{mode} {style}"] = lambda s, images, labels, chunk=chunk: chunk(jax.tree.map(jnp.copy, s), images, labels)
       fargs[f"{mode} {style}"] = (state, *data)
   times = common.time_interleaved(fns, fargs, rounds=args.rounds, inner=1, jit=False)
   timing = []
   for name, seconds in times.items():
     mode, style = name.split()
-    timing.append({"BN": mode, "style": style, "ms/step": seconds / CHUNK_STEPS * 1e3,
-                   "vs pmap": seconds / times[f"{mode} pmap"]})
+    timing.append(
+      {"BN": mode, "style": style, "ms/step": seconds / CHUNK_STEPS * 1e3, "vs pmap": seconds / times[f"{mode} pmap"]}
+    )
   print()
   print(common.table(timing, list(timing[0])))
-  path = common.save("parallel_styles", rows + timing,
-                     "python benchmarks/parallel_styles.py " + " ".join(argv or sys.argv[1:]))
+  path = common.save(
+    "parallel_styles", rows + timing, "python benchmarks/parallel_styles.py " + " ".join(argv or sys.argv[1:])
+  )
   print(f"\nwritten to {path}")
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 
 def load(path: Path) -> dict | None:
@@ -37,13 +37,28 @@ def main(argv=None):
       continue
     flax = next(f for f in default["rows"] if key(f)[:3] == key(r)[:3] and f["impl"] == "flax")
     t = tuned_rows.get(key(r))
-    rows.append({"mode": r["mode"], "shape": r["shape"], "dtype": r["dtype"], "impl": r["impl"],
-                 "ms": r["ms"], "flax ms": flax["ms"], "vs flax": r["vs flax"], "vs floor": r["vs floor"],
-                 "vs flax (tuned malloc)": t["vs flax"] if t else "", "vs floor (tuned malloc)": t["vs floor"] if t else ""})
-  rows.sort(key=lambda r: ("statistics forward fwd+bwd".split().index(r["mode"]) * -1, ))
-  print(f"{default['machine']['device_kind']} ({default['machine']['cpu']}, {default['machine']['cores']} cores), "
-        f"jax {default['machine']['jax']}, commit {default['commit']}, {default['date']}")
-  print(f"headline: `{default['command']}`" + (f"; tuned: `{tuned['command']}` (commit {tuned['commit']})" if tuned else ""))
+    rows.append(
+      {
+        "mode": r["mode"],
+        "shape": r["shape"],
+        "dtype": r["dtype"],
+        "impl": r["impl"],
+        "ms": r["ms"],
+        "flax ms": flax["ms"],
+        "vs flax": r["vs flax"],
+        "vs floor": r["vs floor"],
+        "vs flax (tuned malloc)": t["vs flax"] if t else "",
+        "vs floor (tuned malloc)": t["vs floor"] if t else "",
+      }
+    )
+  rows.sort(key=lambda r: (["statistics", "forward", "fwd+bwd"].index(r["mode"]) * -1,))
+  print(
+    f"{default['machine']['device_kind']} ({default['machine']['cpu']}, {default['machine']['cores']} cores), "
+    f"jax {default['machine']['jax']}, commit {default['commit']}, {default['date']}"
+  )
+  print(
+    f"headline: `{default['command']}`" + (f"; tuned: `{tuned['command']}` (commit {tuned['commit']})" if tuned else "")
+  )
   print()
   print(common.table(rows, list(rows[0])))
 

@@ -60,19 +60,36 @@ def main(argv=None):
         fns[name] = jax.pmap(step, axis_name="d")
         fargs[name] = (variables, x, w)
         forward = jax.pmap(lambda v, x, layer=layer: layer.apply(v, x, mutable=["batch_stats"]), axis_name="d")
-        rows.append({"shape (per device)": "x".join(map(str, shape)), "impl": name,
-                     "collectives fwd": collectives(forward.lower(variables, x).as_text()),
-                     "collectives fwd+bwd": collectives(fns[name].lower(*fargs[name]).as_text())})
+        rows.append(
+          {
+            "shape (per device)": "x".join(map(str, shape)),
+            "impl": name,
+            "collectives fwd": collectives(forward.lower(variables, x).as_text()),
+            "collectives fwd+bwd": collectives(fns[name].lower(*fargs[name]).as_text()),
+          }
+        )
     times = common.time_interleaved(fns, fargs, rounds=args.rounds)
-    for row in rows[-len(fns):]:
+    for row in rows[-len(fns) :]:
       row["ms"] = times[row["impl"]] * 1e3
       row["vs flax synced"] = times[row["impl"]] / times["flax synced"]
       row["vs own per-device"] = times[row["impl"]] / times[row["impl"].split()[0] + " per-device"]
     print(f"{shape}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()), flush=True)
   path = common.save("synced", rows, "python benchmarks/synced.py " + " ".join(argv or sys.argv[1:]))
   print()
-  print(common.table(rows, ["shape (per device)", "impl", "collectives fwd", "collectives fwd+bwd", "ms",
-                            "vs flax synced", "vs own per-device"]))
+  print(
+    common.table(
+      rows,
+      [
+        "shape (per device)",
+        "impl",
+        "collectives fwd",
+        "collectives fwd+bwd",
+        "ms",
+        "vs flax synced",
+        "vs own per-device",
+      ],
+    )
+  )
   print(f"\nwritten to {path}")
 
 

@@ -19,10 +19,10 @@ import numpy as np
 from flax import linen as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import jaxbn  # noqa: E402
-from benchmarks import common  # noqa: E402
-from jaxbn import training  # noqa: E402
-from jaxbn.models import MLP, InceptionNet  # noqa: E402
+import jaxbn
+from benchmarks import common
+from jaxbn import training
+from jaxbn.models import MLP, InceptionNet
 
 STEPS = {"mlp": 200, "inception": 10}
 
@@ -36,8 +36,10 @@ def main(argv=None):
   labels = rng.integers(0, 10, 6000).astype(np.int32)
   device = jax.devices()[:1]
   rows = []
-  for name, batch, config in (("mlp", 60, training.Config(model="mlp", lr=0.5)),
-                              ("inception", 32, training.Config(model="inception", optimizer="momentum", lr=0.01))):
+  for name, batch, config in (
+    ("mlp", 60, training.Config(model="mlp", lr=0.5)),
+    ("inception", 32, training.Config(model="inception", optimizer="momentum", lr=0.01)),
+  ):
     fns, fargs = {}, {}
     for bn, norm in (("no BN", None), ("jaxbn", jaxbn.BatchNorm), ("flax", nn.BatchNorm)):
       if norm is not None:
@@ -45,8 +47,16 @@ def main(argv=None):
       model = MLP(norm=norm) if name == "mlp" else InceptionNet(norm=norm, width=config.width)
       optimizer = training.make_optimizer(config)
       state = training.create_train_state(config, (28, 28), model)
-      chunk = functools.partial(training.train_chunk, num_steps=STEPS[name], model=model,
-                                optimizer=optimizer, seed=0, global_batch=batch, num_devices=1, local=False)
+      chunk = functools.partial(
+        training.train_chunk,
+        num_steps=STEPS[name],
+        model=model,
+        optimizer=optimizer,
+        seed=0,
+        global_batch=batch,
+        num_devices=1,
+        local=False,
+      )
       put = lambda a: jax.device_put(a, device[0])
       fns[bn] = chunk
       fargs[bn] = (jax.tree.map(put, state), put(images), put(labels))

@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import jaxbn  # noqa: E402
-from jaxbn import data, training  # noqa: E402
+import jaxbn
+from jaxbn import data, training
 
 
 def fold_mlp(params: dict, batch_stats: dict, epsilon: float) -> dict:
@@ -35,8 +35,9 @@ def fold_mlp(params: dict, batch_stats: dict, epsilon: float) -> dict:
       continue
     bn = name.replace("Dense_", "BatchNorm_")
     if bn in params:
-      kernel, bias = jaxbn.fold_batch_norm(layer["kernel"], layer.get("bias"), params[bn],
-                                           batch_stats[bn], epsilon=epsilon)
+      kernel, bias = jaxbn.fold_batch_norm(
+        layer["kernel"], layer.get("bias"), params[bn], batch_stats[bn], epsilon=epsilon
+      )
       folded[name] = {"kernel": kernel, "bias": bias}
     else:
       folded[name] = layer
@@ -61,11 +62,14 @@ def main(argv=None):
   config = training.Config(**json.loads((run / "config.json").read_text()))
   if config.model != "mlp" or config.bn == "none":
     parser.error(f"run: expected an MLP trained with BN, got --model {config.model} --bn {config.bn}")
-  model, plain = training.make_model(config), training.make_model(
-      training.Config(**{**json.loads((run / "config.json").read_text()), "bn": "none"}))
+  model, plain = (
+    training.make_model(config),
+    training.make_model(training.Config(**{**json.loads((run / "config.json").read_text()), "bn": "none"})),
+  )
   manager = ocp.CheckpointManager(run.absolute() / "checkpoints")
-  state = manager.restore(manager.latest_step(),
-                          args=ocp.args.StandardRestore(training.create_train_state(config, (28, 28))))
+  state = manager.restore(
+    manager.latest_step(), args=ocp.args.StandardRestore(training.create_train_state(config, (28, 28)))
+  )
   folded = fold_mlp(state.params, state.batch_stats, epsilon=1e-5)
 
   images = data.load(config.dataset, data_dir=config.data_dir, idx_dir=config.idx_dir).test_images
@@ -77,9 +81,11 @@ def main(argv=None):
   difference = float(jnp.max(jnp.abs(logits - folded_logits)))
   agree = float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(folded_logits, -1)))
   t_bn, t_folded = median_seconds(with_bn, variables, x), median_seconds(without, {"params": folded}, x)
-  print(f"{x.shape[0]} test images: largest logit difference {difference:.2e}, same prediction for "
-        f"{agree:.2%}; inference {t_bn * 1e3:.2f} ms with BN, {t_folded * 1e3:.2f} ms folded "
-        f"({t_bn / t_folded:.2f}x faster)")
+  print(
+    f"{x.shape[0]} test images: largest logit difference {difference:.2e}, same prediction for "
+    f"{agree:.2%}; inference {t_bn * 1e3:.2f} ms with BN, {t_folded * 1e3:.2f} ms folded "
+    f"({t_bn / t_folded:.2f}x faster)"
+  )
   return difference, agree
 
 

@@ -28,7 +28,8 @@ def main(argv=None):
   import numpy as np
   import optax
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import jaxbn
 
@@ -44,9 +45,11 @@ def main(argv=None):
   # A task whose inputs have a large common offset and scale: BN must learn it.
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(4, 16)) * 3
+
   def batch(n):
     labels = rng.integers(0, 4, n)
     return (centers[labels] + rng.normal(size=(n, 16))) * 5 + 20, labels
+
   test_x, test_y = batch(2000)
 
   devices = len(jax.devices())
@@ -61,6 +64,7 @@ def main(argv=None):
     def train_step(model, optimizer, x, y):
       def loss_fn(model):
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
       loss, grads = nnx.value_and_grad(loss_fn)(model)
       optimizer.update(model, grads)
       return loss
@@ -74,8 +78,10 @@ def main(argv=None):
       model.eval()  # running statistics; per-device rows are pooled (law of total variance)
       accuracy = float(jnp.mean(jnp.argmax(model(test_x.astype(np.float32)), -1) == test_y))
     results[name] = (float(loss), accuracy, tuple(model.bn.mean.shape))
-    print(f"{name:>10} BN: final training loss {float(loss):.4f}, test accuracy {accuracy:.4f}, "
-          f"running mean shape {model.bn.mean.shape}")
+    print(
+      f"{name:>10} BN: final training loss {float(loss):.4f}, test accuracy {accuracy:.4f}, "
+      f"running mean shape {model.bn.mean.shape}"
+    )
   return results
 
 

@@ -21,6 +21,7 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """One E1 training setting, applied to both arms (with and without BN)."""
+
   optimizer: str  # sgd | momentum (0.9)
   lr: float
   init_std: float
@@ -39,11 +40,11 @@ class Setting:
 # is a grid. The first three are the settings of issue 12's table; the last
 # two change one factor of a neighbour (learning rate; init std).
 E1_SETTINGS = (
-    Setting("sgd", 0.5, 0.1),
-    Setting("momentum", 0.01, 0.01),
-    Setting("sgd", 0.1, 1.0),
-    Setting("sgd", 0.1, 0.1),
-    Setting("momentum", 0.01, 0.1),
+  Setting("sgd", 0.5, 0.1),
+  Setting("momentum", 0.01, 0.01),
+  Setting("sgd", 0.1, 1.0),
+  Setting("sgd", 0.1, 0.1),
+  Setting("momentum", 0.01, 0.1),
 )
 E1_SWEEP = (0.05, 0.2, 0.5, 1.0, 5.0, 20.0)  # plain SGD, init std 0.1
 E3_BATCHES = (2, 4, 8, 16, 32)
@@ -51,36 +52,62 @@ E3_LR = 0.5
 STYLES = ("jit", "shard_map", "pmap")
 
 SIZES = {
-    "full": dict(e1_steps=50_000, e1_eval=500, e1_seeds=(0, 1, 2), sweep_steps=10_000, sweep_eval=1000,
-                 e2_steps=3000, e2_eval=250, e2_decay=600, e2_seeds=(0, 1),
-                 e3_steps=3000, e3_eval=500, e3_seeds=(0, 1), e3_batches=E3_BATCHES, e3_styles=STYLES,
-                 population_batches=200),
-    "default": dict(e1_steps=5000, e1_eval=500, e1_seeds=(0,), sweep_steps=2000, sweep_eval=1000,
-                    e2_steps=600, e2_eval=200, e2_decay=120, e2_seeds=(0,),
-                    e3_steps=1000, e3_eval=500, e3_seeds=(0,), e3_batches=(2, 8, 32), e3_styles=("jit",),
-                    population_batches=50),
+  "full": dict(
+    e1_steps=50_000,
+    e1_eval=500,
+    e1_seeds=(0, 1, 2),
+    sweep_steps=10_000,
+    sweep_eval=1000,
+    e2_steps=3000,
+    e2_eval=250,
+    e2_decay=600,
+    e2_seeds=(0, 1),
+    e3_steps=3000,
+    e3_eval=500,
+    e3_seeds=(0, 1),
+    e3_batches=E3_BATCHES,
+    e3_styles=STYLES,
+    population_batches=200,
+  ),
+  "default": dict(
+    e1_steps=5000,
+    e1_eval=500,
+    e1_seeds=(0,),
+    sweep_steps=2000,
+    sweep_eval=1000,
+    e2_steps=600,
+    e2_eval=200,
+    e2_decay=120,
+    e2_seeds=(0,),
+    e3_steps=1000,
+    e3_eval=500,
+    e3_seeds=(0,),
+    e3_batches=(2, 8, 32),
+    e3_styles=("jit",),
+    population_batches=50,
+  ),
 }
 
 # E2 rows: the paper's §4.2.1 variants at small scale. BN-xN: learning rate xN,
 # dropout removed, learning-rate decay 6x faster, L2 weight decay / 5.
 E2_BASE = dict(lr=0.01, dropout=0.2, weight_decay=4e-4, decay=1)
 E2_ROWS = {
-    "Baseline": dict(bn="none"),
-    "BN-Baseline": dict(bn="sync"),
-    "BN-x5": dict(bn="sync", lr=0.05, dropout=0.0, weight_decay=8e-5, decay=6),
-    "BN-x30": dict(bn="sync", lr=0.3, dropout=0.0, weight_decay=8e-5, decay=6),
-    "BN-x5-Sigmoid": dict(bn="sync", lr=0.05, dropout=0.0, weight_decay=8e-5, decay=6, activation="sigmoid"),
-    "Sigmoid (no BN)": dict(bn="none", activation="sigmoid"),
+  "Baseline": dict(bn="none"),
+  "BN-Baseline": dict(bn="sync"),
+  "BN-x5": dict(bn="sync", lr=0.05, dropout=0.0, weight_decay=8e-5, decay=6),
+  "BN-x30": dict(bn="sync", lr=0.3, dropout=0.0, weight_decay=8e-5, decay=6),
+  "BN-x5-Sigmoid": dict(bn="sync", lr=0.05, dropout=0.0, weight_decay=8e-5, decay=6, activation="sigmoid"),
+  "Sigmoid (no BN)": dict(bn="none", activation="sigmoid"),
 }
 
 # E3 modes: (label, --bn, devices, parallel styles). Every 8-device mode runs
 # in every style for the first seed (their results must agree), in jit after.
 E3_MODES = (
-    ("per-device BN", "per-device", 8),
-    ("synced BN", "sync", 8),
-    ("Batch Renorm (per-device)", "renorm", 8),
-    ("no BN", "none", 8),
-    ("one device, global batch", "sync", 1),
+  ("per-device BN", "per-device", 8),
+  ("synced BN", "sync", 8),
+  ("Batch Renorm (per-device)", "renorm", 8),
+  ("no BN", "none", 8),
+  ("one device, global batch", "sync", 1),
 )
 
 
@@ -101,36 +128,96 @@ def runs(size: str) -> list[Run]:
   for setting in E1_SETTINGS:
     for seed in s["e1_seeds"]:
       for bn in ("none", "sync"):
-        plan.append(Run("e1", f"{setting.name}-{_arm(bn)}-seed{seed}", _flags(
-            model="mlp", bn=bn, optimizer=setting.optimizer, lr=setting.lr, init_std=setting.init_std,
-            steps=s["e1_steps"], eval_every=s["e1_eval"], checkpoint_every=s["e1_steps"], seed=seed,
-            devices=1),
-            {"setting": setting.name, "title": setting.title, "bn": bn != "none", "seed": seed}))
+        plan.append(
+          Run(
+            "e1",
+            f"{setting.name}-{_arm(bn)}-seed{seed}",
+            _flags(
+              model="mlp",
+              bn=bn,
+              optimizer=setting.optimizer,
+              lr=setting.lr,
+              init_std=setting.init_std,
+              steps=s["e1_steps"],
+              eval_every=s["e1_eval"],
+              checkpoint_every=s["e1_steps"],
+              seed=seed,
+              devices=1,
+            ),
+            {"setting": setting.name, "title": setting.title, "bn": bn != "none", "seed": seed},
+          )
+        )
   for lr in E1_SWEEP:
     for bn in ("none", "sync"):
-      plan.append(Run("e1_sweep", f"{_arm(bn)}-lr{lr:g}", _flags(
-          model="mlp", bn=bn, lr=lr, steps=s["sweep_steps"], eval_every=s["sweep_eval"],
-          checkpoint_every=s["sweep_steps"], seed=0, devices=1),
-          {"bn": bn != "none", "lr": lr}))
+      plan.append(
+        Run(
+          "e1_sweep",
+          f"{_arm(bn)}-lr{lr:g}",
+          _flags(
+            model="mlp",
+            bn=bn,
+            lr=lr,
+            steps=s["sweep_steps"],
+            eval_every=s["sweep_eval"],
+            checkpoint_every=s["sweep_steps"],
+            seed=0,
+            devices=1,
+          ),
+          {"bn": bn != "none", "lr": lr},
+        )
+      )
   for seed in s["e2_seeds"]:
     for row, override in E2_ROWS.items():
       cfg = {**E2_BASE, **override}
       slug = row.lower().replace(" ", "-").replace("(", "").replace(")", "")
-      plan.append(Run("e2", f"{slug}-seed{seed}", _flags(
-          model="inception", bn=cfg["bn"], optimizer="momentum", lr=cfg["lr"], dropout=cfg["dropout"],
-          weight_decay=cfg["weight_decay"], lr_decay_steps=max(1, s["e2_decay"] // cfg["decay"]),
-          lr_decay_rate=0.7, activation=cfg.get("activation", "relu"), batch_size=32, steps=s["e2_steps"],
-          eval_every=s["e2_eval"], checkpoint_every=s["e2_steps"], seed=seed, devices=1),
-          {"row": row, "seed": seed}))
+      plan.append(
+        Run(
+          "e2",
+          f"{slug}-seed{seed}",
+          _flags(
+            model="inception",
+            bn=cfg["bn"],
+            optimizer="momentum",
+            lr=cfg["lr"],
+            dropout=cfg["dropout"],
+            weight_decay=cfg["weight_decay"],
+            lr_decay_steps=max(1, s["e2_decay"] // cfg["decay"]),
+            lr_decay_rate=0.7,
+            activation=cfg.get("activation", "relu"),
+            batch_size=32,
+            steps=s["e2_steps"],
+            eval_every=s["e2_eval"],
+            checkpoint_every=s["e2_steps"],
+            seed=seed,
+            devices=1,
+          ),
+          {"row": row, "seed": seed},
+        )
+      )
   for i, seed in enumerate(s["e3_seeds"]):
     for batch in s["e3_batches"]:
       for mode, bn, devices in E3_MODES:
-        for style in (s["e3_styles"] if i == 0 and devices > 1 else ("jit",)):
+        for style in s["e3_styles"] if i == 0 and devices > 1 else ("jit",):
           per_device = batch if devices > 1 else 8 * batch
           extra = {"population_batches": s["population_batches"]} if bn in ("per-device", "sync") else {}
-          plan.append(Run("e3", f"{bn}-{style}-d{devices}-b{per_device}-seed{seed}", _flags(
-              model="mlp", bn=bn, parallel=style, lr=E3_LR, devices=devices, batch_size=per_device,
-              steps=s["e3_steps"], eval_every=s["e3_eval"], checkpoint_every=s["e3_steps"], seed=seed,
-              **extra),
-              {"mode": mode, "style": style, "per_device_batch": batch, "seed": seed}))
+          plan.append(
+            Run(
+              "e3",
+              f"{bn}-{style}-d{devices}-b{per_device}-seed{seed}",
+              _flags(
+                model="mlp",
+                bn=bn,
+                parallel=style,
+                lr=E3_LR,
+                devices=devices,
+                batch_size=per_device,
+                steps=s["e3_steps"],
+                eval_every=s["e3_eval"],
+                checkpoint_every=s["e3_steps"],
+                seed=seed,
+                **extra,
+              ),
+              {"mode": mode, "style": style, "per_device_batch": batch, "seed": seed},
+            )
+          )
   return plan

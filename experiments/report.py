@@ -20,14 +20,18 @@ import matplotlib
 matplotlib.use("Agg")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments.reporting import e1, e2, e3  # noqa: E402
-from experiments.reporting.results import ROOT, Results  # noqa: E402
+from experiments.reporting import e1, e2, e3
+from experiments.reporting.results import ROOT, Results, fixed
 
 SECTIONS = (
-    ("e1", e1, "E1 — paper Figure 1 over a grid of settings (MLP, with/without BN; learning-rate sweep)",
-     ("e1", "e1_sweep")),
-    ("e2", e2, "E2 — paper Figure 3 at small scale (Inception-style net)", ("e2",)),
-    ("e3", e3, "E3 — per-device vs synced BN on 8 devices, every parallel style", ("e3",)),
+  (
+    "e1",
+    e1,
+    "E1 — paper Figure 1 over a grid of settings (MLP, with/without BN; learning-rate sweep)",
+    ("e1", "e1_sweep"),
+  ),
+  ("e2", e2, "E2 — paper Figure 3 at small scale (Inception-style net)", ("e2",)),
+  ("e3", e3, "E3 — per-device vs synced BN on 8 devices, every parallel style", ("e3",)),
 )
 
 
@@ -49,8 +53,7 @@ def main(argv=None):
     headline[name] = section.report(results, out, args.size)
     if headline[name]:
       d = results.describe(*experiments)
-      index.append(f"- [{title}]({name}.md): {d['runs']} runs, {d['wall_time_min']:.1f} min "
-                   f"({d['machine']})")
+      index.append(f"- [{title}]({name}.md): {d['runs']} runs, {fixed(d['wall_time_min'], 1)} min ({d['machine']})")
   (out / "headline.json").write_text(json.dumps(headline, indent=1) + "\n")
   (out / "README.md").write_text("\n".join(index) + "\n")
   print(f"written to {out}")

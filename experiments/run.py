@@ -13,6 +13,7 @@ experiments can go on in parallel: `--only e1` and `--only e2,e3`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments.plan import runs  # noqa: E402
+from experiments.plan import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,18 +40,20 @@ def _finished(out: Path) -> bool:
 
 def _machine() -> str:
   cpu = platform.machine()
-  try:
-    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  with contextlib.suppress(OSError, StopIteration):
+    cpu = next(
+      line.split(":", 1)[1].strip()
+      for line in Path("/proc/cpuinfo").read_text().splitlines()
+      if line.startswith("model name")
+    )
   return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (CPU host devices)"
 
 
 def _commit() -> str:
   head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                         capture_output=True, text=True)
+  dirty = subprocess.run(
+    ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+  )
   return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
@@ -66,13 +69,23 @@ def main(argv=None):
   only = set(args.only.split(",")) if args.only else None
   data_root = ROOT / args.reports / args.size / "data"
 
-  plan = [r for r in runs(args.size)
-          if (only is None or r.experiment in only) and (args.match is None or args.match in r.name)]
+  plan = [
+    r
+    for r in runs(args.size)
+    if (only is None or r.experiment in only) and (args.match is None or args.match in r.name)
+  ]
   for i, run in enumerate(plan, 1):
     commit = _commit()  # per run: the tree may move on while a long set runs
     out = ROOT / args.runs / args.size / run.experiment / run.name
-    command = ["python", "train.py", *run.args, "--data-dir", args.data_dir,
-               "--out", str(Path(args.runs) / args.size / run.experiment / run.name)]
+    command = [
+      "python",
+      "train.py",
+      *run.args,
+      "--data-dir",
+      args.data_dir,
+      "--out",
+      str(Path(args.runs) / args.size / run.experiment / run.name),
+    ]
     key, record = run.name, None
     if _finished(out):
       print(f"[{i}/{len(plan)}] {run.experiment}/{key}: done already", flush=True)
@@ -82,8 +95,12 @@ def main(argv=None):
       result = subprocess.run([sys.executable, *command[1:], "--resume", "--no-progress"], cwd=ROOT)
       if result.returncode != 0:
         sys.exit(f"{run.experiment}/{key} failed with exit code {result.returncode}")
-      record = {"command": " ".join(command), "wall_time_s": round(time.time() - start, 1),
-                "commit": commit, "labels": run.labels}
+      record = {
+        "command": " ".join(command),
+        "wall_time_s": round(time.time() - start, 1),
+        "commit": commit,
+        "labels": run.labels,
+      }
     # read just before writing: another run.py may be running other runs of this experiment
     meta_path = data_root / run.experiment / "runs.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}

@@ -6,31 +6,39 @@ Imports jax only.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["UnboundAxisNameError", "feature_axes", "check_input", "check_mask", "check_feature_array",
-           "check_hyperparameters", "check_axis_name", "axis_names"]
+__all__ = [
+  "UnboundAxisNameError",
+  "axis_names",
+  "check_axis_name",
+  "check_feature_array",
+  "check_hyperparameters",
+  "check_input",
+  "check_mask",
+  "feature_axes",
+]
 
 
 def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
   """Sorted, non-negative feature axes; `ValueError` if one is out of range."""
-  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  axes = (axis,) if isinstance(axis, int | numbers.Integral) else tuple(axis)
   if not axes:
     raise ValueError("axis: expected at least one feature axis, got ().")
-  out = []
+  out: list[int] = []
   for a in axes:
     if not isinstance(a, numbers.Integral):
       raise TypeError(f"axis: expected int or a sequence of ints, got {axis!r}.")
+    a = int(a)
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"axis: feature axis {a} is out of range for input of rank {ndim} "
-          f"(expected -{ndim} <= axis < {ndim})."
+        f"axis: feature axis {a} is out of range for input of rank {ndim} (expected -{ndim} <= axis < {ndim})."
       )
-    out.append(int(a) % ndim)
+    out.append(a % ndim)
   if len(set(out)) != len(out):
     raise ValueError(f"axis: repeated feature axis in {axis!r}.")
   return tuple(sorted(out))
@@ -44,8 +52,8 @@ def check_input(x) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
   elif not jnp.issubdtype(x.dtype, jnp.inexact):
     raise TypeError(
-        f"x: expected a numeric array (float32, bfloat16, float16, float64, complex "
-        f"or integer), got dtype {x.dtype}.")
+      f"x: expected a numeric array (float32, bfloat16, float16, float64, complex or integer), got dtype {x.dtype}."
+    )
   if x.ndim < 1:
     raise ValueError("x: expected an array with at least one dimension, got a scalar.")
   return x
@@ -65,25 +73,20 @@ def check_mask(mask, shape) -> jax.Array | None:
   except ValueError:
     out_shape = None
   if out_shape != tuple(shape):
-    raise ValueError(
-        f"mask: shape {mask.shape} does not broadcast to the input shape {tuple(shape)}."
-    )
+    raise ValueError(f"mask: shape {mask.shape} does not broadcast to the input shape {tuple(shape)}.")
   return mask
 
 
 def check_feature_array(value, name: str, fshape) -> jax.Array:
   value = jnp.asarray(value)
   if value.shape != tuple(fshape):
-    raise ValueError(
-        f"{name}: expected shape {tuple(fshape)} (the size of the feature axes), "
-        f"got {value.shape}."
-    )
+    raise ValueError(f"{name}: expected shape {tuple(fshape)} (the size of the feature axes), got {value.shape}.")
   return value
 
 
 def check_hyperparameters(momentum, epsilon) -> None:
   # Traced values cannot be checked here; concrete ones are checked loudly.
-  if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
+  if isinstance(momentum, numbers.Real) and not 0.0 <= float(momentum) <= 1.0:
     raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}.")
   if not isinstance(epsilon, numbers.Real):
     raise TypeError(f"epsilon: expected a Python float, got {type(epsilon).__name__}.")
@@ -110,9 +113,9 @@ def check_axis_name(axis_name) -> None:
       lax.axis_size(name)
     except NameError:
       raise UnboundAxisNameError(
-          f"axis_name: {name!r} is not bound by any enclosing transform. Synced "
-          f"batch statistics need a named axis: call inside jax.pmap(..., "
-          f"axis_name={name!r}), jax.vmap(..., axis_name={name!r}) or "
-          f"jax.shard_map over a mesh with an axis named {name!r}; or pass "
-          f"axis_name=None for per-device statistics."
+        f"axis_name: {name!r} is not bound by any enclosing transform. Synced "
+        f"batch statistics need a named axis: call inside jax.pmap(..., "
+        f"axis_name={name!r}), jax.vmap(..., axis_name={name!r}) or "
+        f"jax.shard_map over a mesh with an axis named {name!r}; or pass "
+        f"axis_name=None for per-device statistics."
       ) from None

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
-import io
 import hashlib
+import io
 import json
 import logging
 import os
@@ -32,46 +32,65 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["Dataset", "load", "read_idx", "DatasetError", "DatasetNotFoundError", "SOURCES"]
+__all__ = ["SOURCES", "Dataset", "DatasetError", "DatasetNotFoundError", "load", "read_idx"]
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {
+  0x08: np.uint8,
+  0x09: np.int8,
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
+}
+_FILES = {
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
   """Where a dataset comes from and what it holds."""
+
   url_base: str
-  sha256: dict[str, str]          # file name (.gz) -> SHA-256 of the download
+  sha256: dict[str, str]  # file name (.gz) -> SHA-256 of the download
   class_names: tuple[str, ...]
-  local_dir: str | None = None    # a system-wide copy, if a package provides one
+  local_dir: str | None = None  # a system-wide copy, if a package provides one
 
 
 SOURCES = {
-    "mnist": Source(
-        url_base="https://storage.googleapis.com/cvdf-datasets/mnist/",
-        sha256={
-            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        },
-        class_names=tuple(str(i) for i in range(10)),
+  "mnist": Source(
+    url_base="https://storage.googleapis.com/cvdf-datasets/mnist/",
+    sha256={
+      "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+      "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+      "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+      "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    },
+    class_names=tuple(str(i) for i in range(10)),
+  ),
+  "fashion_mnist": Source(
+    url_base="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    sha256={
+      "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+      "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+      "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+      "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    },
+    class_names=(
+      "T-shirt/top",
+      "Trouser",
+      "Pullover",
+      "Dress",
+      "Coat",
+      "Sandal",
+      "Shirt",
+      "Sneaker",
+      "Bag",
+      "Ankle boot",
     ),
-    "fashion_mnist": Source(
-        url_base="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        sha256={
-            "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-            "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-            "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-            "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-        },
-        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                     "Sneaker", "Bag", "Ankle boot"),
-        local_dir="/usr/share/datasets/fashion-mnist",
-    ),
+    local_dir="/usr/share/datasets/fashion-mnist",
+  ),
 }
 
 
@@ -133,8 +152,9 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   SOURCE: Source
 
-  def __init__(self, *, idx_dir: str | None = None, url_base: str | None = None,
-               sha256: dict[str, str] | None = None, **kwargs):
+  def __init__(
+    self, *, idx_dir: str | None = None, url_base: str | None = None, sha256: dict[str, str] | None = None, **kwargs
+  ):
     self._idx_dir = idx_dir
     self._url_base = url_base or self.SOURCE.url_base
     self._checksums = sha256 or self.SOURCE.sha256
@@ -142,13 +162,15 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"{self.name} from its IDX files (28x28 grayscale, 10 classes).",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(28, 28), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(self.SOURCE.class_names)),
-        }),
-        supervised_keys=("image", "label"),
+      builder=self,
+      description=f"{self.name} from its IDX files (28x28 grayscale, 10 classes).",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(28, 28), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(names=list(self.SOURCE.class_names)),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def local_idx_dir(self) -> Path | None:
@@ -184,22 +206,28 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, images_path, labels_path):
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-      raise DatasetError(f"{images_path}, {labels_path}: expected (N, 28, 28) images and (N,) labels, "
-                         f"got {images.shape} and {labels.shape}.")
+      raise DatasetError(
+        f"{images_path}, {labels_path}: expected (N, 28, 28) images and (N,) labels, "
+        f"got {images.shape} and {labels.shape}."
+      )
     classes = len(self.SOURCE.class_names)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
-      raise DatasetError(f"{labels_path}: labels must be 0..{classes - 1}, found {int(labels.min())}.."
-                         f"{int(labels.max())}.")
-    for i, (image, label) in enumerate(zip(images, labels)):
+      raise DatasetError(
+        f"{labels_path}: labels must be 0..{classes - 1}, found {int(labels.min())}..{int(labels.max())}."
+      )
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
       yield i, {"image": image, "label": int(label)}
 
   def _how_to_get(self, error) -> str:
-    local = (f" install Debian's dataset-fashion-mnist (files at {self.SOURCE.local_dir}), or"
-             if self.SOURCE.local_dir else "")
-    return (f"{self.name}: not prepared under {self.data_dir}, no IDX files given, and the download "
-            f"from {self._url_base} failed ({type(error).__name__}: {error}). To get it:{local} pass "
-            f"--idx-dir DIR with the four IDX files (train-images-idx3-ubyte[.gz], ...), or run once "
-            f"with network access.")
+    local = (
+      f" install Debian's dataset-fashion-mnist (files at {self.SOURCE.local_dir}), or" if self.SOURCE.local_dir else ""
+    )
+    return (
+      f"{self.name}: not prepared under {self.data_dir}, no IDX files given, and the download "
+      f"from {self._url_base} failed ({type(error).__name__}: {error}). To get it:{local} pass "
+      f"--idx-dir DIR with the four IDX files (train-images-idx3-ubyte[.gz], ...), or run once "
+      f"with network access."
+    )
 
 
 class Mnist(_IdxBuilder, skip_registration=True):
@@ -218,6 +246,7 @@ BUILDERS = {"mnist": Mnist, "fashion_mnist": FashionMnist}
 
 class Dataset(NamedTuple):
   """A whole dataset in host memory: uint8 images (N, 28, 28), int32 labels."""
+
   train_images: np.ndarray
   train_labels: np.ndarray
   test_images: np.ndarray
@@ -245,8 +274,7 @@ def _idx_checksums(directory: Path) -> dict[str, str]:
   return {stem: _sha256(_find_idx(directory, stem)) for pair in _FILES.values() for stem in pair}
 
 
-def load(name: str, data_dir: str | None = None, idx_dir: str | None = None, quiet: bool = True,
-         **kwargs) -> Dataset:
+def load(name: str, data_dir: str | None = None, idx_dir: str | None = None, quiet: bool = True, **kwargs) -> Dataset:
   """Prepares `name` (if not yet prepared in `data_dir`) and returns it whole.
 
   Data prepared before records the SHA-256 of the IDX files it was built

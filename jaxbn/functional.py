@@ -21,16 +21,25 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Hashable, NamedTuple, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn.checks import (UnboundAxisNameError, axis_names, check_axis_name, check_feature_array,
-                          check_hyperparameters, check_input, check_mask, feature_axes)
+from jaxbn.checks import (
+  UnboundAxisNameError,
+  axis_names,
+  check_axis_name,
+  check_feature_array,
+  check_hyperparameters,
+  check_input,
+  check_mask,
+  feature_axes,
+)
 
-__all__ = ["Moments", "moments", "batch_norm", "combine_groups", "feature_axes", "UnboundAxisNameError"]
+__all__ = ["Moments", "UnboundAxisNameError", "batch_norm", "combine_groups", "feature_axes", "moments"]
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -43,7 +52,7 @@ class Moments(NamedTuple):
   var:   biased variance (divided by count) of the valid elements.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count: the public name
   mean: jax.Array
   var: jax.Array
 
@@ -61,9 +70,8 @@ def _vary_like(value: jax.Array, like: jax.Array) -> jax.Array:
   this before the custom JVP lets JAX's own transpose of the cast sum the
   per-device parameter gradients, exactly as plain autodiff would.
   """
-  varying = getattr(jax.typeof(like).manual_axis_type, "varying", frozenset())
-  missing = tuple(a for a in varying if a not in getattr(
-      jax.typeof(value).manual_axis_type, "varying", frozenset()))
+  varying: frozenset = getattr(jax.typeof(like).manual_axis_type, "varying", frozenset())
+  missing = tuple(a for a in varying if a not in getattr(jax.typeof(value).manual_axis_type, "varying", frozenset()))
   return lax.pcast(value, missing, to="varying") if missing else value
 
 
@@ -146,7 +154,7 @@ def _gather_replicas(value, axis_name, axis_index_groups):
     # vmap's all_gather takes one name at a time; under vmap it moves no data.
     for name in reversed(axis_names(axis_name)):
       value = lax.all_gather(value, name, to="varying")
-    return value.reshape((-1,) + value.shape[len(axis_names(axis_name)):])
+    return value.reshape((-1, *value.shape[len(axis_names(axis_name)) :]))
   slot = [0] * sum(len(g) for g in axis_index_groups)
   for group in axis_index_groups:
     for position, replica in enumerate(group):
@@ -168,8 +176,9 @@ def _moments_and_shift(x, mask, faxes, axis_name, axis_index_groups) -> tuple[Mo
   if axis_name is not None:
     # Every replica's (count, mean, M2), combined exactly. Empty slots of a
     # smaller group have count 0 and weigh nothing.
-    gathered = _gather_replicas(jnp.stack([count.astype(mean.dtype), mean, m2.astype(mean.dtype)]),
-                                axis_name, axis_index_groups)
+    gathered = _gather_replicas(
+      jnp.stack([count.astype(mean.dtype), mean, m2.astype(mean.dtype)]), axis_name, axis_index_groups
+    )
     count, mean, m2 = _combine(gathered[:, 0].real, gathered[:, 1], gathered[:, 2].real)
   var = m2 / jnp.maximum(count, 1)
   mean = jnp.where(count > 0, mean, 0)
@@ -194,8 +203,9 @@ def _group_batch(x, mask, faxes, batch_groups, batch_axis, axis_name):
     raise ValueError(f"batch_groups: expected a positive integer or None, got {batch_groups!r}.")
   if axis_name is not None:
     raise ValueError(
-        "batch_groups: statistics per group of examples cannot be combined with axis_name "
-        f"(got axis_name={axis_name!r}); use one or the other.")
+      "batch_groups: statistics per group of examples cannot be combined with axis_name "
+      f"(got axis_name={axis_name!r}); use one or the other."
+    )
   if not isinstance(batch_axis, numbers.Integral) or not -x.ndim <= batch_axis < x.ndim:
     raise ValueError(f"batch_axis: expected an axis of the rank-{x.ndim} input, got {batch_axis!r}.")
   b = int(batch_axis) % x.ndim
@@ -204,12 +214,12 @@ def _group_batch(x, mask, faxes, batch_groups, batch_axis, axis_name):
   n = x.shape[b]
   if n % batch_groups:
     raise ValueError(
-        f"batch_groups: the batch axis {b} has {n} examples, which do not split into "
-        f"{batch_groups} equal groups.")
-  shape = x.shape[:b] + (batch_groups, n // batch_groups) + x.shape[b + 1:]
+      f"batch_groups: the batch axis {b} has {n} examples, which do not split into {batch_groups} equal groups."
+    )
+  shape = (*x.shape[:b], batch_groups, n // batch_groups, *x.shape[b + 1 :])
   if mask is not None:
     mask = jnp.broadcast_to(mask, x.shape).reshape(shape)
-  return x.reshape(shape), mask, (b,) + tuple(f + 1 for f in faxes)
+  return x.reshape(shape), mask, (b, *tuple(f + 1 for f in faxes))
 
 
 def groups_of(stats: dict[str, Any], feature_shape) -> int:
@@ -217,8 +227,8 @@ def groups_of(stats: dict[str, Any], feature_shape) -> int:
   shape = jnp.shape(stats["mean"])
   if len(shape) != len(feature_shape) + 1 or tuple(shape[1:]) != tuple(feature_shape):
     raise ValueError(
-        f'stats["mean"]: expected one row per group, shape (groups, *{tuple(feature_shape)}), '
-        f"got {shape}.")
+      f'stats["mean"]: expected one row per group, shape (groups, *{tuple(feature_shape)}), got {shape}.'
+    )
   return shape[0]
 
 
@@ -240,14 +250,14 @@ def combine_groups(stats: dict[str, Any]) -> dict[str, jax.Array]:
 
 
 def moments(
-    x,
-    axis: int | Sequence[int] = -1,
-    axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-    mask=None,
-    *,
-    batch_groups: int | None = None,
-    batch_axis: int = 0,
+  x,
+  axis: int | Sequence[int] = -1,
+  axis_name: AxisName | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  mask=None,
+  *,
+  batch_groups: int | None = None,
+  batch_axis: int = 0,
 ) -> Moments:
   """Exact per-feature count, mean and biased variance of a batch.
 
@@ -364,7 +374,9 @@ def _train_jvp(cfg, primals, tangents):
   a = scale_r.astype(dtype) * inv
 
   # dy = a dx + c1 d + c0, with per-feature c0, c1 linear in the tangents.
-  dy, c0, c1 = 0, None, None  # None: no term
+  dy: jax.Array | int = 0
+  c0: jax.Array | None = None  # None: no term
+  c1: jax.Array | None = None
   dmean, dvar = jnp.zeros_like(stats.mean), jnp.zeros_like(stats.var)
   if not _is_zero(dx):
     dxs = dx.astype(dtype)
@@ -408,22 +420,22 @@ _train.defjvp(_train_jvp, symbolic_zeros=True)
 
 
 def batch_norm(
-    x,
-    params: dict[str, Any] | None,
-    stats: dict[str, Any],
-    *,
-    training: bool,
-    axis: int | Sequence[int] = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-    mask=None,
-    unbiased: bool = False,
-    skip_nonfinite: bool = True,
-    dtype=None,
-    batch_groups: int | None = None,
-    batch_axis: int = 0,
+  x,
+  params: dict[str, Any] | None,
+  stats: dict[str, Any],
+  *,
+  training: bool,
+  axis: int | Sequence[int] = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-5,
+  axis_name: AxisName | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  mask=None,
+  unbiased: bool = False,
+  skip_nonfinite: bool = True,
+  dtype=None,
+  batch_groups: int | None = None,
+  batch_axis: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Batch Normalization as a pure function: returns `(y, new_stats)`.
 
@@ -485,31 +497,74 @@ def batch_norm(
   Returns:
     `(y, new_stats)`; running statistics carry no gradient.
   """
-  return _batch_norm(x, params, stats, renorm_limits=None, training=training, axis=axis,
-                     momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-                     axis_index_groups=axis_index_groups, mask=mask, unbiased=unbiased,
-                     skip_nonfinite=skip_nonfinite, dtype=dtype, batch_groups=batch_groups,
-                     batch_axis=batch_axis)
+  return _batch_norm(
+    x,
+    params,
+    stats,
+    renorm_limits=None,
+    training=training,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+    unbiased=unbiased,
+    skip_nonfinite=skip_nonfinite,
+    dtype=dtype,
+    batch_groups=batch_groups,
+    batch_axis=batch_axis,
+  )
 
 
-def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, epsilon, axis_name,
-                axis_index_groups, mask, unbiased, skip_nonfinite, dtype, batch_groups, batch_axis):
+def _batch_norm(
+  x,
+  params,
+  stats,
+  *,
+  renorm_limits,
+  training,
+  axis,
+  momentum,
+  epsilon,
+  axis_name,
+  axis_index_groups,
+  mask,
+  unbiased,
+  skip_nonfinite,
+  dtype,
+  batch_groups,
+  batch_axis,
+):
   """batch_norm, and with `renorm_limits=(r_max, d_max)` Batch Renormalization."""
-
 
   x = check_input(x)
   faxes = feature_axes(x.ndim, axis)
   fshape = tuple(x.shape[a] for a in faxes)
   if batch_groups is not None:
-    return _grouped_batch_norm(x, params, stats, faxes, training=training, momentum=momentum,
-                               epsilon=epsilon, axis_name=axis_name, mask=mask, unbiased=unbiased,
-                               skip_nonfinite=skip_nonfinite, dtype=dtype, renorm_limits=renorm_limits,
-                               batch_groups=batch_groups, batch_axis=batch_axis)
+    return _grouped_batch_norm(
+      x,
+      params,
+      stats,
+      faxes,
+      training=training,
+      momentum=momentum,
+      epsilon=epsilon,
+      axis_name=axis_name,
+      mask=mask,
+      unbiased=unbiased,
+      skip_nonfinite=skip_nonfinite,
+      dtype=dtype,
+      renorm_limits=renorm_limits,
+      batch_groups=batch_groups,
+      batch_axis=batch_axis,
+    )
   check_hyperparameters(momentum, epsilon)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
     raise ValueError(
-        f"stats: expected a dict with keys 'mean' and 'var', got "
-        f"{sorted(stats) if isinstance(stats, dict) else type(stats).__name__}.")
+      f"stats: expected a dict with keys 'mean' and 'var', got "
+      f"{sorted(stats) if isinstance(stats, dict) else type(stats).__name__}."
+    )
   params = {} if params is None else params
   unknown = set(params) - {"scale", "bias"}
   if unknown:
@@ -518,10 +573,16 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
   running_mean = check_feature_array(stats["mean"], 'stats["mean"]', fshape)
   running_var = check_feature_array(stats["var"], 'stats["var"]', fshape)
   param_dtype = jnp.result_type(*params.values()) if params else stat_dtype
-  scale = (check_feature_array(params["scale"], 'params["scale"]', fshape)
-           if "scale" in params else jnp.ones(fshape, param_dtype))
-  bias = (check_feature_array(params["bias"], 'params["bias"]', fshape)
-          if "bias" in params else jnp.zeros(fshape, param_dtype))
+  scale = (
+    check_feature_array(params["scale"], 'params["scale"]', fshape)
+    if "scale" in params
+    else jnp.ones(fshape, param_dtype)
+  )
+  bias = (
+    check_feature_array(params["bias"], 'params["bias"]', fshape)
+    if "bias" in params
+    else jnp.zeros(fshape, param_dtype)
+  )
   mask = check_mask(mask, x.shape)
   out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
 
@@ -544,8 +605,7 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
       check_axis_name(stats_axis_name)
       reference = _pool_over_axis(reference, stats_axis_name)
     reference = {k: jnp.broadcast_to(v, fshape) for k, v in reference.items()}
-    renorm = (reference["mean"], reference["var"], jnp.asarray(r_max, stat_dtype),
-              jnp.asarray(d_max, stat_dtype))
+    renorm = (reference["mean"], reference["var"], jnp.asarray(r_max, stat_dtype), jnp.asarray(d_max, stat_dtype))
   y, batch = _train(cfg, x, scale, bias, mask, renorm)
   batch = jax.tree.map(lax.stop_gradient, batch)
 
@@ -560,42 +620,43 @@ def _batch_norm(x, params, stats, *, renorm_limits, training, axis, momentum, ep
     new_var = jnp.where(ok, new_var, running_var)
   # Running statistics keep their dtype (a scan carry or checkpoint stays
   # valid), except that a real running mean of complex input becomes complex.
-  mean_dtype = jnp.promote_types(running_mean.dtype, batch.mean.dtype) \
-      if jnp.iscomplexobj(batch.mean) else running_mean.dtype
-  new_stats = {"mean": new_mean.astype(mean_dtype),
-               "var": new_var.astype(running_var.dtype)}
+  mean_dtype = (
+    jnp.promote_types(running_mean.dtype, batch.mean.dtype) if jnp.iscomplexobj(batch.mean) else running_mean.dtype
+  )
+  new_stats = {"mean": new_mean.astype(mean_dtype), "var": new_var.astype(running_var.dtype)}
   return y, new_stats
 
 
-def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batch_axis,
-                        axis_name, mask, **kwargs):
+def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batch_axis, axis_name, mask, **kwargs):
   """batch_norm with statistics per group of examples: the group axis becomes
   one more feature axis, and parameters and running statistics are broadcast
   over it."""
   fshape = tuple(x.shape[a] for a in faxes)
-  gshape = (batch_groups,) + fshape
+  gshape = (batch_groups, *fshape)
   kwargs.update(axis_index_groups=None, batch_groups=None, batch_axis=0)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
-    return _batch_norm(x, params, stats, training=training, axis=faxes, axis_name=axis_name,
-                       mask=mask, **kwargs)  # its error
+    return _batch_norm(
+      x, params, stats, training=training, axis=faxes, axis_name=axis_name, mask=mask, **kwargs
+    )  # its error
   for key in ("mean", "var"):
     if jnp.shape(stats[key]) not in (fshape, gshape):
       raise ValueError(
-          f'stats["{key}"]: expected shape {fshape} or, one set per group, {gshape}; '
-          f"got {jnp.shape(stats[key])}.")
+        f'stats["{key}"]: expected shape {fshape} or, one set per group, {gshape}; got {jnp.shape(stats[key])}.'
+      )
   if not training:
     pooled = combine_groups(stats) if jnp.shape(stats["mean"]) == gshape else stats
-    return _batch_norm(x, params, pooled, training=False, axis=faxes, axis_name=None, mask=mask,
-                       **kwargs)[0], stats
-  xg, mask, gaxes = _group_batch(x, None if mask is None else check_mask(mask, x.shape), faxes,
-                                 batch_groups, batch_axis, axis_name)
+    return _batch_norm(x, params, pooled, training=False, axis=faxes, axis_name=None, mask=mask, **kwargs)[0], stats
+  xg, mask, gaxes = _group_batch(
+    x, None if mask is None else check_mask(mask, x.shape), faxes, batch_groups, batch_axis, axis_name
+  )
   # Under explicit sharding, per-group values follow the batch's sharding.
   group_spec = _explicit_spec(xg, gaxes[0])
+
   def widen(v):
     v = jnp.broadcast_to(jnp.asarray(v), gshape)
     return v if group_spec is None else jax.sharding.reshard(v, group_spec)
-  params = None if params is None else {k: widen(v) if jnp.shape(v) == fshape else v
-                                        for k, v in params.items()}
+
+  params = None if params is None else {k: widen(v) if jnp.shape(v) == fshape else v for k, v in params.items()}
   rows = {k: widen(v) for k, v in stats.items()}
   if kwargs["renorm_limits"] is not None:
     # Batch Renorm corrects every group toward the pooled running statistics,
@@ -603,8 +664,7 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
     r_max, d_max, _, stats_axis_name = kwargs["renorm_limits"]
     reference = {k: widen(v) for k, v in combine_groups(rows).items()}
     kwargs["renorm_limits"] = (r_max, d_max, reference, stats_axis_name)
-  y, new_stats = _batch_norm(xg, params, rows, training=True, axis=gaxes, axis_name=None, mask=mask,
-                             **kwargs)
+  y, new_stats = _batch_norm(xg, params, rows, training=True, axis=gaxes, axis_name=None, mask=mask, **kwargs)
   return y.reshape(x.shape), new_stats
 
 

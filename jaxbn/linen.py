@@ -93,18 +93,20 @@ class BatchRenorm(BatchNorm):
   stats_axis_name: Any = None
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None,
-               r_max=None, d_max=None):
+  def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the fields for this call."""
-    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max, None,
-              None if self.is_initializing() else self.stats_axis_name)
+    limits = (
+      self.r_max if r_max is None else r_max,
+      self.d_max if d_max is None else d_max,
+      None,
+      None if self.is_initializing() else self.stats_axis_name,
+    )
     return _normalize(self, x, use_running_average, mask, renorm_limits=limits)
 
 
 def _normalize(module: BatchNorm, x, use_running_average, mask, renorm_limits):
   """The body of both modules' calls (variables are created in `module`)."""
-  use_running_average = nn.merge_param(
-      "use_running_average", module.use_running_average, use_running_average)
+  use_running_average = nn.merge_param("use_running_average", module.use_running_average, use_running_average)
   x = checks.check_input(x)
   faxes = functional.feature_axes(x.ndim, module.axis)
   fshape = tuple(x.shape[a] for a in faxes)
@@ -128,21 +130,23 @@ def _normalize(module: BatchNorm, x, use_running_average, mask, renorm_limits):
     # init takes a batch of any size (often one example) and keeps the statistics.
     stats, groups = functional.combine_groups(stats), None
   y, new_stats = functional._batch_norm(
-      x, params, stats,
-      renorm_limits=renorm_limits,
-      training=not use_running_average,
-      axis=faxes,
-      momentum=module.momentum,
-      epsilon=module.epsilon,
-      # As in flax, init needs no bound axis and leaves the statistics alone.
-      axis_name=None if initializing else module.axis_name,
-      axis_index_groups=module.axis_index_groups,
-      mask=mask,
-      unbiased=module.unbiased,
-      skip_nonfinite=module.skip_nonfinite,
-      dtype=out_dtype,
-      batch_groups=groups,
-      batch_axis=0,
+    x,
+    params,
+    stats,
+    renorm_limits=renorm_limits,
+    training=not use_running_average,
+    axis=faxes,
+    momentum=module.momentum,
+    epsilon=module.epsilon,
+    # As in flax, init needs no bound axis and leaves the statistics alone.
+    axis_name=None if initializing else module.axis_name,
+    axis_index_groups=module.axis_index_groups,
+    mask=mask,
+    unbiased=module.unbiased,
+    skip_nonfinite=module.skip_nonfinite,
+    dtype=out_dtype,
+    batch_groups=groups,
+    batch_axis=0,
   )
   if not use_running_average and not initializing:
     ra_mean.value = new_stats["mean"]

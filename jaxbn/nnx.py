@@ -18,6 +18,10 @@ from jaxbn import checks, functional
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
+# flax's defaults, made once (the constructor's signature is flax's).
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+
 
 class BatchNorm(nnx.Module):
   """Batch Normalization (Ioffe & Szegedy 2015) with exact synced statistics.
@@ -44,30 +48,30 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_features: int,
-      *,
-      use_running_average: bool | None = False,
-      axis: int = -1,
-      momentum: float = 0.99,
-      epsilon: float = 1e-5,
-      dtype: tp.Any = None,
-      param_dtype: tp.Any = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: tp.Any = initializers.zeros_init(),
-      scale_init: tp.Any = initializers.ones_init(),
-      axis_name: tp.Any = None,
-      axis_index_groups: tp.Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: tp.Callable[..., tp.Any] = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
-      scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
-      force_float32_reductions: bool = True,
-      unbiased: bool = False,
-      skip_nonfinite: bool = True,
-      batch_groups: int | None = None,
+    self,
+    num_features: int,
+    *,
+    use_running_average: bool | None = False,
+    axis: int = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: tp.Any = None,
+    param_dtype: tp.Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: tp.Any = _ZEROS,
+    scale_init: tp.Any = _ONES,
+    axis_name: tp.Any = None,
+    axis_index_groups: tp.Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: tp.Callable[..., tp.Any] = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    force_float32_reductions: bool = True,
+    unbiased: bool = False,
+    skip_nonfinite: bool = True,
+    batch_groups: int | None = None,
   ):
     feature_shape = (num_features,)
     stats_dtype = jnp.float32 if force_float32_reductions else param_dtype
@@ -76,10 +80,14 @@ class BatchNorm(nnx.Module):
     self.var = nnx.BatchStat(jnp.ones(stats_shape, stats_dtype))
     # One key per created parameter, in flax's order, so that the layers
     # after this one initialize exactly as they would after flax's.
-    self.scale = (nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
-                  if use_scale else nnx.data(None))
-    self.bias = (nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
-                 if use_bias else nnx.data(None))
+    self.scale = (
+      nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
+      if use_scale
+      else nnx.data(None)
+    )
+    self.bias = (
+      nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
+    )
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -103,41 +111,39 @@ class BatchNorm(nnx.Module):
     return self._normalize(x, use_running_average, mask, renorm_limits=None)
 
   def _normalize(self, x, use_running_average, mask, renorm_limits):
-    use_running_average = (self.use_running_average if use_running_average is None
-                           else use_running_average)
+    use_running_average = self.use_running_average if use_running_average is None else use_running_average
     if use_running_average is None:
       raise ValueError(
-          "use_running_average: not given to BatchNorm's constructor nor its call; "
-          "pass True (inference) or False (training) to either, or use "
-          "nnx.view(model, use_running_average=...).")
+        "use_running_average: not given to BatchNorm's constructor nor its call; "
+        "pass True (inference) or False (training) to either, or use "
+        "nnx.view(model, use_running_average=...)."
+      )
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
-    x, mean, var, scale, bias = self.promote_dtype(
-        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+    x, mean, var, scale, bias = self.promote_dtype((x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
     x = checks.check_input(x)
-    params = {name: value for name, value in (("scale", scale), ("bias", bias))
-              if value is not None}
+    params = {name: value for name, value in (("scale", scale), ("bias", bias)) if value is not None}
     # flax.nnx's output dtype: the (promoted) input and parameters, or `dtype`.
     out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
     # Training updates the stored statistics; inference reads them promoted.
-    stats = ({"mean": self.mean[...], "var": self.var[...]} if not use_running_average
-             else {"mean": mean, "var": var})
+    stats = {"mean": self.mean[...], "var": self.var[...]} if not use_running_average else {"mean": mean, "var": var}
     y, new_stats = functional._batch_norm(
-        x, params, stats,
-        renorm_limits=renorm_limits,
-        training=not use_running_average,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        unbiased=self.unbiased,
-        skip_nonfinite=self.skip_nonfinite,
-        dtype=out_dtype,
-        batch_groups=(functional.groups_of(stats, (self.num_features,))
-                      if self.batch_groups is not None else None),
-        batch_axis=0,
+      x,
+      params,
+      stats,
+      renorm_limits=renorm_limits,
+      training=not use_running_average,
+      axis=self.axis,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      unbiased=self.unbiased,
+      skip_nonfinite=self.skip_nonfinite,
+      dtype=out_dtype,
+      batch_groups=(functional.groups_of(stats, (self.num_features,)) if self.batch_groups is not None else None),
+      batch_axis=0,
     )
     if not use_running_average:
       self.mean[...] = new_stats["mean"]
@@ -164,13 +170,16 @@ class BatchRenorm(BatchNorm):
   and `stats_axis_name` (see `jaxbn.batch_renorm`).
   """
 
-  def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0,
-               stats_axis_name=None, **kwargs):
+  def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, stats_axis_name=None, **kwargs):
     super().__init__(num_features, **kwargs)
     self.r_max, self.d_max, self.stats_axis_name = r_max, d_max, stats_axis_name
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the attributes for this call."""
-    limits = (self.r_max if r_max is None else r_max, self.d_max if d_max is None else d_max, None,
-              self.stats_axis_name)
+    limits = (
+      self.r_max if r_max is None else r_max,
+      self.d_max if d_max is None else d_max,
+      None,
+      self.stats_axis_name,
+    )
     return self._normalize(x, use_running_average, mask, renorm_limits=limits)

@@ -6,36 +6,37 @@ Imports jax only; the math is jaxbn.functional's core.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
 
-__all__ = ["batch_renorm", "renorm_schedule", "fold_batch_norm"]
+__all__ = ["batch_renorm", "fold_batch_norm", "renorm_schedule"]
 
 
 def batch_renorm(
-    x,
-    params: dict[str, Any] | None,
-    stats: dict[str, Any],
-    *,
-    training: bool,
-    r_max,
-    d_max,
-    axis: int | Sequence[int] = -1,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    axis_name=None,
-    axis_index_groups=None,
-    mask=None,
-    unbiased: bool = False,
-    skip_nonfinite: bool = True,
-    dtype=None,
-    batch_groups: int | None = None,
-    batch_axis: int = 0,
-    stats_axis_name=None,
+  x,
+  params: dict[str, Any] | None,
+  stats: dict[str, Any],
+  *,
+  training: bool,
+  r_max,
+  d_max,
+  axis: int | Sequence[int] = -1,
+  momentum: float = 0.99,
+  epsilon: float = 1e-5,
+  axis_name=None,
+  axis_index_groups=None,
+  mask=None,
+  unbiased: bool = False,
+  skip_nonfinite: bool = True,
+  dtype=None,
+  batch_groups: int | None = None,
+  batch_axis: int = 0,
+  stats_axis_name=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Batch Renormalization as a pure function: returns `(y, new_stats)`.
 
@@ -63,14 +64,28 @@ def batch_renorm(
   Every other argument is `batch_norm`'s.
   """
   return functional._batch_norm(
-      x, params, stats, renorm_limits=(r_max, d_max, None, stats_axis_name), training=training, axis=axis, momentum=momentum,
-      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-      unbiased=unbiased, skip_nonfinite=skip_nonfinite, dtype=dtype, batch_groups=batch_groups,
-      batch_axis=batch_axis)
+    x,
+    params,
+    stats,
+    renorm_limits=(r_max, d_max, None, stats_axis_name),
+    training=training,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+    unbiased=unbiased,
+    skip_nonfinite=skip_nonfinite,
+    dtype=dtype,
+    batch_groups=batch_groups,
+    batch_axis=batch_axis,
+  )
 
 
-def renorm_schedule(ramp_steps: int, *, warmup_steps: int = 0, r_max: float = 3.0,
-                    d_max: float = 5.0) -> Callable[[Any], tuple[jax.Array, jax.Array]]:
+def renorm_schedule(
+  ramp_steps: int, *, warmup_steps: int = 0, r_max: float = 3.0, d_max: float = 5.0
+) -> Callable[[Any], tuple[jax.Array, jax.Array]]:
   """The paper's relaxation of the clipping: step -> (r_max, d_max).
 
   Plain BN (r_max 1, d_max 0) for `warmup_steps`, then both limits ramp
@@ -86,11 +101,13 @@ def renorm_schedule(ramp_steps: int, *, warmup_steps: int = 0, r_max: float = 3.
   def schedule(step):
     progress = jnp.clip((jnp.asarray(step, jnp.float32) - warmup_steps) / ramp_steps, 0.0, 1.0)
     return 1.0 + (r_max - 1.0) * progress, d_max * progress
+
   return schedule
 
 
-def fold_batch_norm(kernel, bias, bn_params: dict[str, Any] | None, bn_stats: dict[str, Any], *,
-                    epsilon: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+def fold_batch_norm(
+  kernel, bias, bn_params: dict[str, Any] | None, bn_stats: dict[str, Any], *, epsilon: float = 1e-5
+) -> tuple[jax.Array, jax.Array]:
   """Folds inference-mode BN into the Dense or Conv layer before it.
 
   For z = x @ kernel + bias (flax layout: output features on the kernel's
@@ -105,8 +122,7 @@ def fold_batch_norm(kernel, bias, bn_params: dict[str, Any] | None, bn_stats: di
   features = kernel.shape[-1]
   for name, value in (("bn_stats['mean']", bn_stats["mean"]), ("bn_stats['var']", bn_stats["var"])):
     if jnp.shape(value) != (features,):
-      raise ValueError(f"{name}: expected shape ({features},) (the kernel's output features), "
-                       f"got {jnp.shape(value)}.")
+      raise ValueError(f"{name}: expected shape ({features},) (the kernel's output features), got {jnp.shape(value)}.")
   bn_params = bn_params or {}
   dtype = jnp.promote_types(kernel.dtype, jnp.float32)
   scale = jnp.asarray(bn_params.get("scale", jnp.ones(features)), dtype)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from jax import lax
 from jaxbn import checks, functional
 from jaxbn.linen import BatchNorm
 
-__all__ = ["sync_batch_stats", "population_stats"]
+__all__ = ["population_stats", "sync_batch_stats"]
 
 
 def _is_stats(node) -> bool:
@@ -26,9 +27,10 @@ def _map_stats(fn, tree):
   if isinstance(tree, Mapping):
     return {k: _map_stats(fn, v) for k, v in tree.items()}
   raise TypeError(
-      f"batch_stats: expected nested dicts whose leaves are {{'mean', 'var'}} "
-      f"dicts (a Linen 'batch_stats' collection or nnx.to_pure_dict of BatchStat "
-      f"state), found {type(tree).__name__}.")
+    f"batch_stats: expected nested dicts whose leaves are {{'mean', 'var'}} "
+    f"dicts (a Linen 'batch_stats' collection or nnx.to_pure_dict of BatchStat "
+    f"state), found {type(tree).__name__}."
+  )
 
 
 def sync_batch_stats(batch_stats, axis_name=None, *, axis_index_groups=None):
@@ -54,11 +56,13 @@ def sync_batch_stats(batch_stats, axis_name=None, *, axis_index_groups=None):
     combine = functional.combine_groups
   else:
     checks.check_axis_name(axis_name)
+
     def combine(s):
       mean = lax.pmean(s["mean"], axis_name, axis_index_groups=axis_index_groups)
       spread = jnp.square(s["mean"] - mean)
       var = lax.pmean(s["var"] + spread, axis_name, axis_index_groups=axis_index_groups)
       return {"mean": mean, "var": var}
+
   return _map_stats(combine, batch_stats)
 
 
@@ -69,10 +73,10 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def population_stats(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    batches: Iterable[Any],
-    **apply_kwargs,
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  batches: Iterable[Any],
+  **apply_kwargs,
 ) -> dict:
   """Population statistics of every BN layer (paper, Algorithm 2).
 
@@ -97,17 +101,18 @@ def population_stats(
   Returns:
     The new 'batch_stats' collection (same structure as the input's).
   """
+
   def batch_moments(variables, batch):
     """{layer path: Moments of that layer's input} for one batch."""
-    recorded = {}
-    replacing = []  # non-empty while a replacement layer runs (not intercepted)
+    recorded: dict[tuple[str, ...], functional.Moments] = {}
+    replacing: list[nn.Module] = []  # non-empty while a replacement layer runs (not intercepted)
 
     def intercept(next_fun, args, kwargs, context):
       module = context.module
-      if (replacing or context.method_name != "__call__"
-          or not isinstance(module, (BatchNorm, nn.BatchNorm))):
+      if replacing or context.method_name != "__call__" or not isinstance(module, (BatchNorm, nn.BatchNorm)):
         return next_fun(*args, **kwargs)
       x, mask = args[0], kwargs.get("mask")
+      assert module.scope is not None  # a bound module (inside apply)
       recorded[module.scope.path] = functional.moments(x, axis=module.axis, mask=mask)
       # The layer as the training network runs it, on its own variables.
       training = module.clone(parent=None, use_running_average=False, axis_name=None)
@@ -127,11 +132,10 @@ def population_stats(
   sums, num_batches = None, 0
   for batch in batches:
     moments = step(variables, batch)
-    unbiased = {path: (m.mean, m.var * m.count / jnp.maximum(m.count - 1, 1))
-                for path, m in moments.items()}
+    unbiased = {path: (m.mean, m.var * m.count / jnp.maximum(m.count - 1, 1)) for path, m in moments.items()}
     sums = unbiased if sums is None else jax.tree.map(jnp.add, sums, unbiased)
     num_batches += 1
-  if num_batches == 0:
+  if sums is None:
     raise ValueError("batches: expected at least one batch, got none.")
 
   new_stats = _map_stats(dict, variables["batch_stats"])  # a mutable copy

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+STEMS = {
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -31,7 +33,7 @@ def make_dataset(n_train=120, n_test=30, seed=0):
 def write_dataset(directory: Path, dataset, gz=True) -> Path:
   directory.mkdir(parents=True, exist_ok=True)
   for split, (images, labels) in dataset.items():
-    for stem, array in zip(STEMS[split], (images, labels)):
+    for stem, array in zip(STEMS[split], (images, labels), strict=True):
       data = idx_bytes(array)
       if gz:
         (directory / (stem + ".gz")).write_bytes(gzip.compress(data))

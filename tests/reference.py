@@ -38,9 +38,9 @@ def bn_forward(x, scale, bias, axis=-1, eps=1e-5, mask=None):
 def bn_backward(x, scale, g, axis=-1, eps=1e-5, mask=None):
   """Paper §3 (with a mask: sums over all outputs, correction on valid ones).
 
-      dL/dbeta  = Σ g
-      dL/dgamma = Σ g xhat
-      dL/dx_i   = gamma / (m sqrt(var + eps)) (m g_i - w_i (Σ g + xhat_i Σ g xhat))
+  dL/dbeta  = Σ g
+  dL/dgamma = Σ g xhat
+  dL/dx_i   = gamma / (m sqrt(var + eps)) (m g_i - w_i (Σ g + xhat_i Σ g xhat))
   """
   x = np.asarray(x, np.float64)
   g = np.asarray(g, np.float64)
@@ -51,8 +51,7 @@ def bn_backward(x, scale, g, axis=-1, eps=1e-5, mask=None):
   xhat = (x - e(mean)) / np.sqrt(e(var) + eps)
   sum_g = g.sum(raxes)
   sum_gxhat = (g * xhat).sum(raxes)
-  dx = e(scale) / (e(count) * np.sqrt(e(var) + eps)) * (
-      e(count) * g - w * (e(sum_g) + xhat * e(sum_gxhat)))
+  dx = e(scale) / (e(count) * np.sqrt(e(var) + eps)) * (e(count) * g - w * (e(sum_g) + xhat * e(sum_gxhat)))
   return dx, sum_gxhat, sum_g
 
 

@@ -43,7 +43,8 @@ def test_batch_norm(test_mask):
   np.testing.assert_allclose(ema["var"], 0.9 + 0.1 * x.var((0, 1), where=m), rtol=1e-4)
   # flax's module as the oracle on the same variables.
   _, expected = nn.BatchNorm(momentum=0.9, use_running_average=False).apply(
-      variables, x, mutable=["batch_stats"], mask=m)
+    variables, x, mutable=["batch_stats"], mask=m
+  )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updated, expected)
 
 
@@ -61,7 +62,8 @@ def test_batch_norm_complex(test_mask):
   np.testing.assert_allclose(ema["mean"], 0.1 * x.mean((0, 1), where=m), atol=1e-4)
   np.testing.assert_allclose(ema["var"], 0.9 + 0.1 * x.var((0, 1), where=m), rtol=1e-4)
   _, expected = nn.BatchNorm(momentum=0.9, use_running_average=False, dtype=jnp.complex64).apply(
-      variables, x, mutable=["batch_stats"], mask=m)
+    variables, x, mutable=["batch_stats"], mask=m
+  )
   for key in ("mean", "var"):
     assert ema[key].dtype == expected["batch_stats"][key].dtype
     np.testing.assert_allclose(ema[key], expected["batch_stats"][key], rtol=1e-5, atol=1e-6)
@@ -95,8 +97,13 @@ def test_vmap_batchnorm():
       return self.norm(axis_name=self.axis_name, use_running_average=False)(x)
 
   def vmapped(norm):
-    return nn.vmap(MlpBn, in_axes=(0,), variable_axes={"params": None, "batch_stats": None},
-                   split_rngs={"params": False}, axis_name="batch")(axis_name="batch", norm=norm)
+    return nn.vmap(
+      MlpBn,
+      in_axes=(0,),
+      variable_axes={"params": None, "batch_stats": None},
+      split_rngs={"params": False},
+      axis_name="batch",
+    )(axis_name="batch", norm=norm)
 
   variables = MlpBn().init(key3, x)
   y1 = MlpBn().apply(variables, x2.reshape((-1, 4)), mutable=["batch_stats"])[0].reshape((5, 4, 3))
@@ -126,8 +133,12 @@ def test_tabulate_module_reuse(use_running_average):
 
   # A batch of one: the usual tabulate/init input, also in training mode.
   x = jnp.ones((1, 12, 12, 8))
-  kwargs = dict(show_repeated=True, compute_flops=True, compute_vjp_flops=True,
-                console_kwargs={"force_terminal": False, "width": 10_000})
+  kwargs = dict(
+    show_repeated=True,
+    compute_flops=True,
+    compute_vjp_flops=True,
+    console_kwargs={"force_terminal": False, "width": 10_000},
+  )
   ours = cnn(jaxbn.BatchNorm).tabulate(random.key(0), x, **kwargs).splitlines()
   theirs = cnn(nn.BatchNorm).tabulate(random.key(0), x, **kwargs).splitlines()
   rows = [i for i, line in enumerate(theirs) if "ConvBlock_0/BatchNorm_0" in line]
@@ -136,4 +147,4 @@ def test_tabulate_module_reuse(use_running_average):
   assert "mean" in ours[rows[0]] and "bias" in ours[rows[0]]  # variables shown on the first call
   assert "mean" not in ours[rows[1]] and "bias" not in ours[rows[2]]
   words = lambda line: [w for w in line.split() if not w.replace(",", "").replace(".", "").isdigit()]
-  assert [words(l) for l in ours] == [words(l) for l in theirs]  # same table, flops aside
+  assert [words(row) for row in ours] == [words(row) for row in theirs]  # same table, flops aside

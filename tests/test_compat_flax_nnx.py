@@ -42,8 +42,9 @@ def _linen_model(norm_cls, dtype, param_dtype):
 def _nnx_model(norm_cls, dtype, param_dtype, linen_variables, **norm_kwargs):
   class NNXModel(nnx.Module):
     def __init__(self, rngs):
-      self.norm_layer = norm_cls(5, use_running_average=False, dtype=dtype, param_dtype=param_dtype,
-                                 rngs=rngs, **norm_kwargs)
+      self.norm_layer = norm_cls(
+        5, use_running_average=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **norm_kwargs
+      )
       self.linear = nnx.Linear(5, 4, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, *, mask=None):
@@ -66,8 +67,14 @@ def test_nnx_linen_batchnorm_equivalence(dtype, param_dtype, use_fast_variance, 
   linen_out, updates = linen_model.apply(variables, x, mask=mask, mutable=["batch_stats"])
   variables = {**variables, **updates}
   # flax's test passes an identity promote_dtype so NNX behaves as Linen.
-  nnx_model = _nnx_model(jaxbn.nnx.BatchNorm, dtype, param_dtype, variables,
-                         use_fast_variance=use_fast_variance, promote_dtype=lambda x, **kw: x)
+  nnx_model = _nnx_model(
+    jaxbn.nnx.BatchNorm,
+    dtype,
+    param_dtype,
+    variables,
+    use_fast_variance=use_fast_variance,
+    promote_dtype=lambda x, **kw: x,
+  )
   nnx_out = nnx_model(x, mask=mask)
   np.testing.assert_array_equal(linen_out, nnx_out)
   for name, value in (("scale", nnx_model.norm_layer.scale), ("bias", nnx_model.norm_layer.bias)):
@@ -77,16 +84,22 @@ def test_nnx_linen_batchnorm_equivalence(dtype, param_dtype, use_fast_variance, 
 
   # flax's Linen module as the oracle, on the features that have statistics.
   flax_out, flax_updates = _linen_model(linen.BatchNorm, dtype, param_dtype).apply(
-      variables | {"batch_stats": linen_model.init(jax.random.key(1), x)["batch_stats"]},
-      x, mask=mask, mutable=["batch_stats"])
+    variables | {"batch_stats": linen_model.init(jax.random.key(1), x)["batch_stats"]},
+    x,
+    mask=mask,
+    mutable=["batch_stats"],
+  )
   valid = slice(None) if mask is None else mask
   tol = 1e-2 if jnp.float16 in (dtype, param_dtype) else 1e-5
   for key in ("mean", "var"):
-    np.testing.assert_allclose(variables["batch_stats"]["norm_layer"][key][valid],
-                               flax_updates["batch_stats"]["norm_layer"][key][valid], rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+      variables["batch_stats"]["norm_layer"][key][valid],
+      flax_updates["batch_stats"]["norm_layer"][key][valid],
+      rtol=tol,
+      atol=tol,
+    )
   if mask is None:
-    np.testing.assert_allclose(np.asarray(linen_out, np.float32), np.asarray(flax_out, np.float32),
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(linen_out, np.float32), np.asarray(flax_out, np.float32), rtol=tol, atol=tol)
   else:
     # Documented difference: flax turns a feature without valid elements into
     # NaN (output and running statistics); jaxbn outputs its bias and keeps
@@ -109,7 +122,7 @@ def test_nnx_module_matches_flax_nnx_module(dtype, mask):
     layer.eval()
     outs.append((y, layer.mean[...], layer.var[...], layer(x)))
   tol = 3e-3 if dtype == jnp.float16 else 1e-5
-  for a, b in zip(*outs):
+  for a, b in zip(*outs, strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
@@ -122,20 +135,26 @@ def test_nnx_linen_spectralnorm_equivalence(n_steps, update_stats):
   class NNXModel(nnx.Module):
     def __init__(self, rngs):
       self.seq = nnx.Sequential(
-          nnx.Linear(5, 4, dtype=dtype, param_dtype=param_dtype, rngs=rngs), nnx.relu,
-          jaxbn.nnx.BatchNorm(4, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                              use_running_average=not update_stats))
-      self.norm_layer = nnx.SpectralNorm(self.seq, n_steps=n_steps, dtype=dtype, param_dtype=param_dtype,
-                                         update_stats=update_stats, rngs=rngs)
+        nnx.Linear(5, 4, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        nnx.relu,
+        jaxbn.nnx.BatchNorm(4, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_running_average=not update_stats),
+      )
+      self.norm_layer = nnx.SpectralNorm(
+        self.seq, n_steps=n_steps, dtype=dtype, param_dtype=param_dtype, update_stats=update_stats, rngs=rngs
+      )
 
     def __call__(self, x):
       return self.norm_layer(x)
 
   class LinenModel(linen.Module):
     def setup(self):
-      self.seq = linen.Sequential([
-          linen.Dense(4, dtype=dtype, param_dtype=param_dtype), linen.relu,
-          jaxbn.BatchNorm(dtype=dtype, param_dtype=param_dtype, use_running_average=not update_stats)])
+      self.seq = linen.Sequential(
+        [
+          linen.Dense(4, dtype=dtype, param_dtype=param_dtype),
+          linen.relu,
+          jaxbn.BatchNorm(dtype=dtype, param_dtype=param_dtype, use_running_average=not update_stats),
+        ]
+      )
       self.norm_layer = linen.SpectralNorm(self.seq, n_steps=n_steps)
 
     def __call__(self, x):
@@ -152,13 +171,14 @@ def test_nnx_linen_spectralnorm_equivalence(n_steps, update_stats):
   nnx_model.seq.layers[2].bias.set_value(dense["bias"])  # as flax's test does
   norm_stats = variables["batch_stats"]["norm_layer"]
   for leaf in ("u", "sigma"):
-    nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", leaf)].set_value(
-        norm_stats[f"seq/layers_0/kernel/{leaf}"])
+    nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", leaf)].set_value(norm_stats[f"seq/layers_0/kernel/{leaf}"])
   linen_out = linen_model.apply(variables, x, mutable=["batch_stats"])
   np.testing.assert_array_equal(linen_out[0], nnx_model(x))
   for leaf in ("u", "sigma"):
-    np.testing.assert_array_equal(nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", leaf)],
-                                  linen_out[1]["batch_stats"]["norm_layer"][f"seq/layers_0/kernel/{leaf}"])
+    np.testing.assert_array_equal(
+      nnx_model.norm_layer.batch_stats[("layers", 0, "kernel", leaf)],
+      linen_out[1]["batch_stats"]["norm_layer"][f"seq/layers_0/kernel/{leaf}"],
+    )
 
 
 def test_every_flax_constructor_argument_is_accepted():
@@ -218,8 +238,7 @@ def _block(norm_cls):
 @pytest.mark.parametrize("graph_mode", [True, False])
 @pytest.mark.parametrize("use_view", [True, False])
 def test_complex_functional_and_view(graph_mode, use_view):
-  results = []
-  for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm):
+  def run(norm_cls):
     MLP = _block(norm_cls)
 
     @nnx.split_rngs(splits=5, graph=graph_mode, graph_updates=False)
@@ -239,14 +258,15 @@ def test_complex_functional_and_view(graph_mode, use_view):
       module = nnx.view(module, deterministic=False, use_running_average=False)
     y, _ = forward(module, jnp.ones((1, 3)))  # a batch of one, in training mode
     assert y.shape == (1, 3)
-    results.append((y, module.bn.mean[...], module.bn.var[...]))
-  for a, b in zip(*results):
+    return (y, module.bn.mean[...], module.bn.var[...])
+
+  results = [run(norm_cls) for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm)]
+  for a, b in zip(*results, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_complex_graph_updates():
-  results = []
-  for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm):
+  def run(norm_cls):
     state_axes = nnx.StateAxes({(nnx.Param, nnx.RngState): 0, ...: None})
 
     class MLP(nnx.Module):
@@ -266,15 +286,17 @@ def test_complex_graph_updates():
     module.set_attributes(deterministic=False, use_running_average=False)
     assert module.linear.kernel.shape == (5, 3, 3)
     y, _ = module(jnp.ones((1, 3)))
-    results.append((y, module.bn.mean[...]))
-  for a, b in zip(*results):
+    return (y, module.bn.mean[...])
+
+  results = [run(norm_cls) for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm)]
+  for a, b in zip(*results, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("graph", [True, False])
 def test_state_axes_simple_functional(graph):
-  results = []
-  for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm):
+  def run(norm_cls):
+
     class Block(nnx.Module):
       def __init__(self, rngs):
         self.linear = nnx.Linear(2, 3, rngs=rngs)
@@ -304,15 +326,17 @@ def test_state_axes_simple_functional(graph):
     y = forward(module, x)
     assert y.shape == (5, 3, 3)
     assert not jnp.allclose(initial_mean, module.bn.mean[...])  # updates tracked
-    results.append((y, module.bn.mean[...], module.bn.var[...]))
-  for a, b in zip(*results):
+    return (y, module.bn.mean[...], module.bn.var[...])
+
+  results = [run(norm_cls) for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm)]
+  for a, b in zip(*results, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("graph,graph_updates", [(True, True), (True, False), (False, False)])
 def test_ensemble_example(graph, graph_updates):
-  results = []
-  for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm):
+  def run(norm_cls):
+
     class Model(nnx.Module):
       def __init__(self, din, dout, *, rngs):
         self.linear = nnx.Linear(din, dout, rngs=rngs)
@@ -335,7 +359,9 @@ def test_ensemble_example(graph, graph_updates):
 
     y = forward(ensemble, jnp.arange(8.0).reshape(4, 2))
     assert y.shape == (5, 4, 3)
-    results.append(y)
+    return y
+
+  results = [run(norm_cls) for norm_cls in (jaxbn.nnx.BatchNorm, nnx.BatchNorm)]
   np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
@@ -374,5 +400,5 @@ def test_graph_updates_unflatten():
   before = [v[...] for v in (b.scale, b.bias, b.mean, b.var)]
   swap(m)
   assert m.a is b and m.b is a
-  for old, new in zip(before, (b.scale, b.bias, b.mean, b.var)):
+  for old, new in zip(before, (b.scale, b.bias, b.mean, b.var), strict=True):
     np.testing.assert_array_equal(old, new[...])

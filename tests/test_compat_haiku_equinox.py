@@ -43,8 +43,7 @@ def test_haiku_simple_training(layout):
   axis = -1 if layout == "NHWC" else 1
   shape = (2, 3, 3, 5) if layout == "NHWC" else (2, 5, 3, 3)
   params = {"scale": np.full(5, 0.5), "bias": np.full(5, 2.0)}
-  y, _ = jaxbn.batch_norm(np.ones(shape, np.float32), params, _stats(5), training=True, momentum=0.9,
-                          axis=axis)
+  y, _ = jaxbn.batch_norm(np.ones(shape, np.float32), params, _stats(5), training=True, momentum=0.9, axis=axis)
   np.testing.assert_equal(np.asarray(y), np.full(shape, 2.0))
 
 
@@ -63,8 +62,7 @@ def test_haiku_no_scale_and_offset():
 def test_haiku_cross_replica_axis():
   assert jax.device_count() == 8
   inputs = np.arange(8 * 4).reshape(8, 4)  # integers, as haiku's test feeds them
-  f = jax.pmap(lambda x: jaxbn.batch_norm(x, None, _stats(4), training=True, axis_name="i")[0],
-               axis_name="i")
+  f = jax.pmap(lambda x: jaxbn.batch_norm(x, None, _stats(4), training=True, axis_name="i")[0], axis_name="i")
   expected = (inputs - inputs.mean(0)) / (inputs.std(0) + 1e-10)
   np.testing.assert_array_almost_equal(f(inputs), expected)
 
@@ -73,8 +71,10 @@ def test_haiku_cross_replica_axis_index_groups():
   assert jax.device_count() == 8
   groups = np.arange(8).reshape(4, 2).tolist()
   inputs = np.arange(8 * 4).reshape(8, 4).astype(np.float32)
-  f = jax.pmap(lambda x: jaxbn.batch_norm(x, None, _stats(4), training=True, axis_name="i",
-                                          axis_index_groups=groups)[0], axis_name="i")
+  f = jax.pmap(
+    lambda x: jaxbn.batch_norm(x, None, _stats(4), training=True, axis_name="i", axis_index_groups=groups)[0],
+    axis_name="i",
+  )
   expected = np.concatenate([(g - g.mean(0)) / (g.std(0) + 1e-10) for g in inputs.reshape(4, 2, 4)])
   np.testing.assert_array_almost_equal(f(inputs), expected)
 
@@ -82,9 +82,12 @@ def test_haiku_cross_replica_axis_index_groups():
 def test_haiku_vmap_cross_replica_axis():
   inputs = jax.random.normal(jax.random.key(42), (4, 32, 32, 3))
   params = {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])}
-  step = jax.vmap(lambda x, stats, training: jaxbn.batch_norm(
-      x, params, stats, training=training, momentum=0.9, axis_name="batch"),
-      in_axes=(0, None, None), out_axes=(0, None), axis_name="batch")
+  step = jax.vmap(
+    lambda x, stats, training: jaxbn.batch_norm(x, params, stats, training=training, momentum=0.9, axis_name="batch"),
+    in_axes=(0, None, None),
+    out_axes=(0, None),
+    axis_name="batch",
+  )
   y, stats = step(inputs, _stats(3), True)
   mean = inputs.mean((0, 1, 2), keepdims=True)
   var = inputs.var((0, 1, 2), keepdims=True)
@@ -118,6 +121,7 @@ def test_haiku_no_type_promotion():
 def _channels_first_bn(axis_name, params=None, training=True):
   def bn(x, stats):
     return jaxbn.batch_norm(x, params, stats, training=training, axis=0, axis_name=axis_name)
+
   return bn
 
 
@@ -143,8 +147,8 @@ def test_equinox_batch_norm():
 
   # Inside another vmap without a name: statistics per outer index.
   out, stats = jax.vmap(
-      jax.vmap(_channels_first_bn("batch"), axis_name="batch", in_axes=(1, None), out_axes=(1, None)),
-      in_axes=(0, None))(x2, _stats(5))
+    jax.vmap(_channels_first_bn("batch"), axis_name="batch", in_axes=(1, None), out_axes=(1, None)), in_axes=(0, None)
+  )(x2, _stats(5))
   assert out.shape == x2.shape and stats["mean"].shape == (10, 5) and stats["var"].shape == (10, 5)
 
   # Several axis names: the statistics of both vmapped axes together.
@@ -154,8 +158,9 @@ def test_equinox_batch_norm():
   out, stats = vvbn(x2, _stats(6))
   assert out.shape == x2.shape and stats["mean"].shape == (6,)
   flat = x2.reshape(-1, 6)
-  np.testing.assert_allclose(out.reshape(-1, 6), (flat - flat.mean(0)) / jnp.sqrt(flat.var(0) + 1e-5),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    out.reshape(-1, 6), (flat - flat.mean(0)) / jnp.sqrt(flat.var(0) + 1e-5), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(stats["mean"], 0.01 * flat.mean(0), rtol=1e-5)
 
   # It normalises.
@@ -169,8 +174,7 @@ def test_equinox_batch_norm():
   _, stats2 = vbn(3 * x1 + 10, stats)
   assert not jnp.allclose(stats["mean"], stats2["mean"]) and not jnp.allclose(stats["var"], stats2["var"])
   # ...and not at inference, bit for bit.
-  vibn = jax.vmap(_channels_first_bn("batch", training=False), axis_name="batch",
-                  in_axes=(0, None), out_axes=(0, None))
+  vibn = jax.vmap(_channels_first_bn("batch", training=False), axis_name="batch", in_axes=(0, None), out_axes=(0, None))
   _, stats3 = vibn(4 * x1 + 20, stats2)
   np.testing.assert_array_equal(stats2["mean"], stats3["mean"])
   np.testing.assert_array_equal(stats2["var"], stats3["var"])

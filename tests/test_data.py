@@ -47,10 +47,11 @@ def test_builder_from_idx_dir(tmp_path, gz):
   assert ds.num_classes == 10
   # Same examples (TFDS stores them in its own order): compare as sorted sets.
   for images, labels, (want_images, want_labels) in (
-      (ds.train_images, ds.train_labels, generated["train"]),
-      (ds.test_images, ds.test_labels, generated["test"])):
-    got = sorted(zip(labels.tolist(), [im.tobytes() for im in images]))
-    want = sorted(zip(want_labels.tolist(), [im.tobytes() for im in want_images]))
+    (ds.train_images, ds.train_labels, generated["train"]),
+    (ds.test_images, ds.test_labels, generated["test"]),
+  ):
+    got = sorted(zip(labels.tolist(), [im.tobytes() for im in images], strict=True))
+    want = sorted(zip(want_labels.tolist(), [im.tobytes() for im in want_images], strict=True))
     assert got == want
   # Prepared data is reused: the IDX files are no longer needed.
   for f in idx_dir.iterdir():
@@ -83,8 +84,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def _checksums(directory):
-  return {stem + ".gz": hashlib.sha256((directory / (stem + ".gz")).read_bytes()).hexdigest()
-          for pair in STEMS.values() for stem in pair}
+  return {
+    stem + ".gz": hashlib.sha256((directory / (stem + ".gz")).read_bytes()).hexdigest()
+    for pair in STEMS.values()
+    for stem in pair
+  }
 
 
 def test_download_path_with_checksums(tmp_path):
@@ -97,20 +101,20 @@ def test_download_path_with_checksums(tmp_path):
 
 def test_download_rejects_wrong_checksum(tmp_path):
   served = write_dataset(tmp_path / "served", make_dataset(n_train=20, n_test=10))
-  wrong = {k: "0" * 64 for k in _checksums(served)}
-  with _Server(served) as server, pytest.raises(ValueError, match="SHA-256 .* does not match"):
+  wrong = dict.fromkeys(_checksums(served), "0" * 64)
+  with _Server(served) as server, pytest.raises(ValueError, match=r"SHA-256 .* does not match"):
     data.load("mnist", data_dir=str(tmp_path / "tfds"), url_base=server.url, sha256=wrong)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
-  with _Server(tmp_path) as server:  # serves nothing: every file is a 404
-    with pytest.raises(data.DatasetNotFoundError, match="--idx-dir DIR"):
-      data.load("mnist", data_dir=str(tmp_path / "tfds"), url_base=server.url)
+  # The server serves nothing: every file is a 404.
+  with _Server(tmp_path) as server, pytest.raises(data.DatasetNotFoundError, match="--idx-dir DIR"):
+    data.load("mnist", data_dir=str(tmp_path / "tfds"), url_base=server.url)
 
 
 def test_idx_dir_missing_files(tmp_path):
   (tmp_path / "idx").mkdir()
-  with pytest.raises(data.DatasetNotFoundError, match="idx_dir: .* lacks the IDX files"):
+  with pytest.raises(data.DatasetNotFoundError, match=r"idx_dir: .* lacks the IDX files"):
     data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(tmp_path / "idx"))
 
 

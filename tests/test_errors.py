@@ -31,9 +31,10 @@ def test_repeated_axis():
     bn(axis=(1, -1))
 
 
-@pytest.mark.parametrize("which,value", [
-    ("stats_mean", np.zeros(4)), ("stats_var", np.ones((3, 1))),
-    ("scale", np.ones(2)), ("bias", np.zeros(5))])
+@pytest.mark.parametrize(
+  "which,value",
+  [("stats_mean", np.zeros(4)), ("stats_var", np.ones((3, 1))), ("scale", np.ones(2)), ("bias", np.zeros(5))],
+)
 def test_shape_mismatch(which, value):
   stats, params = dict(STATS), {}
   if which.startswith("stats"):
@@ -84,8 +85,8 @@ def test_unbound_axis_name_says_which_transform():
     jax.vmap(lambda x: bn(x, axis_name=("a", "b"))[0], axis_name="a")(np.ones((2, 4, 3), np.float32))
   with pytest.raises(NameError, match="'batch' is not bound"):
     jaxbn.BatchNorm(use_running_average=False, axis_name="batch").apply(
-        {"params": {"scale": np.ones(3), "bias": np.zeros(3)}, "batch_stats": STATS}, X,
-        mutable=["batch_stats"])
+      {"params": {"scale": np.ones(3), "bias": np.zeros(3)}, "batch_stats": STATS}, X, mutable=["batch_stats"]
+    )
 
 
 def test_module_errors_name_the_argument():
@@ -94,5 +95,6 @@ def test_module_errors_name_the_argument():
   with pytest.raises(ValueError, match="momentum"):
     jaxbn.BatchNorm(use_running_average=False, momentum=2.0).init(jax.random.key(0), X)
   from flax import nnx
+
   with pytest.raises(ValueError, match="use_running_average"):
     jaxbn.nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))(X)

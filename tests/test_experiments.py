@@ -30,7 +30,7 @@ def test_the_full_plan_is_what_issue_12_asks_for():
   assert len({r.labels["seed"] for r in plan if r.experiment == "e2"}) >= 2
   e3 = [r for r in plan if r.experiment == "e3"]
   assert {r.labels["per_device_batch"] for r in e3} == set(E3_BATCHES) == {2, 4, 8, 16, 32}
-  for mode, bn, devices in E3_MODES:
+  for mode, _bn, devices in E3_MODES:
     styles = {r.labels["style"] for r in e3 if r.labels["mode"] == mode}
     assert styles == (set(STYLES) if devices > 1 else {"jit"}), mode
   per_device = [r for r in e3 if r.labels["mode"] == "per-device BN"]

@@ -18,8 +18,7 @@ def _data(shape, axis, seed=0, loc=3.0, spread=2.0):
   fshape = tuple(shape[a] for a in sorted(np.atleast_1d(axis) % len(shape)))
   scale = rng.normal(1.0, 0.5, fshape).astype(np.float32)
   bias = rng.normal(0.0, 0.5, fshape).astype(np.float32)
-  stats = {"mean": rng.normal(size=fshape).astype(np.float32),
-           "var": rng.uniform(0.5, 2, fshape).astype(np.float32)}
+  stats = {"mean": rng.normal(size=fshape).astype(np.float32), "var": rng.uniform(0.5, 2, fshape).astype(np.float32)}
   return x, scale, bias, stats
 
 
@@ -30,8 +29,9 @@ def _assert_rel(actual, expected, rtol, atol=0.0):
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES)
 def test_training_matches_algorithm_1(shape, axis):
   x, scale, bias, stats = _data(shape, axis)
-  y, new = jaxbn.batch_norm(x, {"scale": scale, "bias": bias}, stats,
-                            training=True, axis=axis, momentum=0.9, epsilon=1e-3)
+  y, new = jaxbn.batch_norm(
+    x, {"scale": scale, "bias": bias}, stats, training=True, axis=axis, momentum=0.9, epsilon=1e-3
+  )
   y_ref, (_, mean, var) = ref.bn_forward(x, scale, bias, axis, eps=1e-3)
   assert y.dtype == jnp.float32 and y.shape == x.shape
   _assert_rel(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -85,13 +85,12 @@ def test_gradient_equals_autodiff_and_finite_differences(shape, axis, masked):
     st64 = jax.tree.map(lambda v: np.asarray(v, np.float64), stats)
 
     def loss(x, scale, bias):
-      y, _ = jaxbn.batch_norm(x, {"scale": scale, "bias": bias}, st64,
-                              training=True, axis=axis, mask=mask)
+      y, _ = jaxbn.batch_norm(x, {"scale": scale, "bias": bias}, st64, training=True, axis=axis, mask=mask)
       return jnp.sum(y * g)
 
     grads = jax.grad(loss, (0, 1, 2))(x64, s64, b64)
     expected = _autodiff_reference(x64, s64, b64, g, axis, mask)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     # Central finite differences along a random direction.
     direction = rng.normal(size=shape)
@@ -127,7 +126,7 @@ def test_missing_params_mean_scale_one_bias_zero():
 
 
 def test_unbiased_running_variance():
-  x, scale, bias, stats = _data((10, 3), -1)
+  x, _scale, _bias, stats = _data((10, 3), -1)
   _, new = jaxbn.batch_norm(x, None, stats, training=True, momentum=0.5, unbiased=True)
   var_unbiased = np.var(x.astype(np.float64), axis=0, ddof=1)
   _assert_rel(new["var"], ref.running_update(stats["var"], var_unbiased, 0.5), rtol=1e-5)
@@ -150,12 +149,12 @@ def test_large_offset_stays_accurate(ratio):
 def test_large_offset_where_flax_fast_variance_fails():
   """The documented failure of E[x²]-E[x]² that jaxbn must not share."""
   import flax.linen as nn
+
   rng = np.random.default_rng(7)
   x = (1e4 + rng.normal(size=(1024, 4))).astype(np.float32)
   _, _, var = ref.batch_moments(x)
   flax_vars = nn.BatchNorm(use_running_average=False, momentum=0.0).init(jax.random.key(0), x)
-  _, updated = nn.BatchNorm(use_running_average=False, momentum=0.0).apply(
-      flax_vars, x, mutable=["batch_stats"])
+  _, updated = nn.BatchNorm(use_running_average=False, momentum=0.0).apply(flax_vars, x, mutable=["batch_stats"])
   flax_err = np.max(np.abs(np.asarray(updated["batch_stats"]["var"]) - var) / var)
   ours_err = np.max(np.abs(np.asarray(jaxbn.moments(x).var) - var) / var)
   assert flax_err > 0.1  # the one-pass formula has lost the variance
@@ -196,8 +195,7 @@ def test_mask_uses_only_valid_elements():
   rng = np.random.default_rng(11)
   mask = rng.random((40, 5)) < 0.6
   x_garbage = np.where(mask, x, np.float32(np.nan))
-  y, new = jaxbn.batch_norm(x_garbage, {"scale": scale, "bias": bias}, stats,
-                            training=True, mask=mask, momentum=0.0)
+  y, new = jaxbn.batch_norm(x_garbage, {"scale": scale, "bias": bias}, stats, training=True, mask=mask, momentum=0.0)
   y_ref, (_, mean, var) = ref.bn_forward(x, scale, bias, mask=mask)
   _assert_rel(new["mean"], mean, rtol=1e-5)
   _assert_rel(new["var"], var, rtol=1e-5)
@@ -209,7 +207,7 @@ def test_nonfinite_batch_does_not_poison_running_stats():
   x[3, 1] = np.nan
   x[5, 2] = np.inf
   _, kept = jaxbn.batch_norm(x, None, stats, training=True, momentum=0.5)
-  _, (_, mean, var) = ref.bn_forward(x[:, :1], np.ones(1), np.zeros(1))
+  _, (_, mean, _var) = ref.bn_forward(x[:, :1], np.ones(1), np.zeros(1))
   np.testing.assert_array_equal(np.asarray(kept["mean"][1:]), stats["mean"][1:])
   np.testing.assert_array_equal(np.asarray(kept["var"][1:]), stats["var"][1:])
   _assert_rel(kept["mean"][:1], ref.running_update(stats["mean"][:1], mean, 0.5), rtol=1e-5)
@@ -235,10 +233,12 @@ def test_jit_and_vmap_without_axis_name():
 
 # ---- the shifted single pass itself ------------------------------------------
 
+
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES)
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_shifted_moments_match_numpy(shape, axis, offset):
   from jaxbn import functional as F
+
   x, *_ = _data(shape, axis, seed=12)
   x = x + np.float32(offset)
   _, mean, var = ref.batch_moments(x, axis)

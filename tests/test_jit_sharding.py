@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from tests import reference as ref
@@ -26,7 +27,7 @@ def _data(seed=0):
   rng = np.random.default_rng(seed)
   # Each device's batch has its own location and spread, so per-device and
   # global statistics differ clearly.
-  x = (rng.normal(size=(D, B, C)) * rng.uniform(0.5, 3, (D, 1, 1)) + rng.normal(0, 2, (D, 1, 1)))
+  x = rng.normal(size=(D, B, C)) * rng.uniform(0.5, 3, (D, 1, 1)) + rng.normal(0, 2, (D, 1, 1))
   g = rng.normal(size=(D, B, C))
   mask = rng.random((D, B, C)) < 0.75
   mask[:, :2] = True
@@ -47,19 +48,23 @@ def _shard(mesh, a):
 
 
 def _collectives(compiled_text):
-  ops = re.findall(r"= [^=]*? (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
-                   compiled_text)
+  ops = re.findall(
+    r"= [^=]*? (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", compiled_text
+  )
   return {op: ops.count(op) for op in sorted(set(ops))}
 
 
 def _step(batch_groups, mask=None):
   def step(x, g, scale, bias, stats):
     def loss(x, scale, bias):
-      y, new = jaxbn.batch_norm(x, {"scale": scale, "bias": bias}, stats, training=True,
-                                momentum=0.9, batch_groups=batch_groups, mask=mask)
+      y, new = jaxbn.batch_norm(
+        x, {"scale": scale, "bias": bias}, stats, training=True, momentum=0.9, batch_groups=batch_groups, mask=mask
+      )
       return jnp.sum(y * g), (y, new)
+
     (_, (y, new)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, scale, bias)
     return y, new, grads
+
   return step
 
 
@@ -72,8 +77,9 @@ def test_grouped_under_jit_equals_pmap_per_device(mode):
     y, new, (dx, dscale, dbias) = jax.jit(_step(D))(put(x), put(g), scale, bias, stats)
   assert new["mean"].shape == (D, C)
 
-  y_p, new_p, (dx_p, dscale_p, dbias_p) = jax.pmap(
-      _step(None), axis_name="d", in_axes=(0, 0, None, None, None))(x, g, scale, bias, stats)
+  y_p, new_p, (dx_p, dscale_p, dbias_p) = jax.pmap(_step(None), axis_name="d", in_axes=(0, 0, None, None, None))(
+    x, g, scale, bias, stats
+  )
   np.testing.assert_allclose(np.asarray(y).reshape(D, B, C), y_p, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(dx).reshape(D, B, C), dx_p, rtol=1e-5, atol=1e-5)
   for key in ("mean", "var"):  # each group's running statistics are its device's
@@ -116,10 +122,10 @@ def test_plain_bn_under_jit_is_the_global_batch(mode, masked):
   with jax.set_mesh(mesh):
     put = lambda a: _shard(mesh, a)
     m = None if mask is None else put(mask)
-    y, new, (dx, dscale, dbias) = jax.jit(lambda *a: _step(None, m)(*a))(put(x), put(g), scale, bias, stats)
+    y, new, (dx, dscale, _dbias) = jax.jit(lambda *a: _step(None, m)(*a))(put(x), put(g), scale, bias, stats)
   flat = lambda a: None if a is None else a.reshape(D * B, C)
   y_ref, (_, mean, var) = ref.bn_forward(flat(x), scale, bias, mask=flat(mask))
-  dx_ref, dscale_ref, dbias_ref = ref.bn_backward(flat(x), scale, flat(g), mask=flat(mask))
+  dx_ref, dscale_ref, _dbias_ref = ref.bn_backward(flat(x), scale, flat(g), mask=flat(mask))
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
   np.testing.assert_allclose(dscale, dscale_ref, rtol=1e-4, atol=1e-4)
@@ -131,15 +137,24 @@ def test_ghost_batches_on_one_device():
   """batch_groups is ghost/virtual BN whatever the device count."""
   x, _, mask, scale, bias, stats = _data(seed=2)
   flat_x, flat_mask = x.reshape(D * B, C), mask.reshape(D * B, C)
-  y, new = jaxbn.batch_norm(flat_x, {"scale": scale, "bias": bias}, stats, training=True,
-                            batch_groups=4, mask=flat_mask, unbiased=True, momentum=0.5)
+  y, new = jaxbn.batch_norm(
+    flat_x,
+    {"scale": scale, "bias": bias},
+    stats,
+    training=True,
+    batch_groups=4,
+    mask=flat_mask,
+    unbiased=True,
+    momentum=0.5,
+  )
   groups = flat_x.reshape(4, -1, C)
-  for k, (xg, mg) in enumerate(zip(groups, flat_mask.reshape(4, -1, C))):
+  for k, (xg, mg) in enumerate(zip(groups, flat_mask.reshape(4, -1, C), strict=True)):
     y_ref, (count, mean, var) = ref.bn_forward(xg, scale, bias, mask=mg)
     np.testing.assert_allclose(np.asarray(y).reshape(4, -1, C)[k], y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new["mean"][k], ref.running_update(stats["mean"], mean, 0.5), rtol=1e-5)
-    np.testing.assert_allclose(new["var"][k], ref.running_update(stats["var"], var * count / (count - 1), 0.5),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      new["var"][k], ref.running_update(stats["var"], var * count / (count - 1), 0.5), rtol=1e-5
+    )
   # NCHW: the batch axis is 0 and the features are axis 1.
   x4 = np.random.default_rng(3).normal(size=(8, C, 3, 3)).astype(np.float32)
   y4, _ = jaxbn.batch_norm(x4, None, stats, training=True, axis=1, batch_groups=2)
@@ -150,8 +165,10 @@ def test_grouped_inference_pools_the_groups():
   x, *_ = _data(seed=4)
   rng = np.random.default_rng(5)
   grouped = {"mean": rng.normal(size=(D, C)), "var": rng.uniform(0.5, 2, (D, C))}
-  pooled = {"mean": grouped["mean"].mean(0),
-            "var": grouped["var"].mean(0) + grouped["mean"].var(0)}  # the law of total variance
+  pooled = {
+    "mean": grouped["mean"].mean(0),
+    "var": grouped["var"].mean(0) + grouped["mean"].var(0),
+  }  # the law of total variance
   y, same = jaxbn.batch_norm(x, None, grouped, training=False, batch_groups=D)
   np.testing.assert_allclose(y, (x - pooled["mean"]) / np.sqrt(pooled["var"] + 1e-5), rtol=1e-5, atol=1e-5)
   assert same is grouped
@@ -165,12 +182,20 @@ def test_grouped_errors_name_the_argument():
     jaxbn.batch_norm(x, None, stats, training=True, batch_groups=5)
   with pytest.raises(ValueError, match="batch_groups: expected a positive integer"):
     jaxbn.batch_norm(x, None, stats, training=True, batch_groups=0)
-  with pytest.raises(ValueError, match="batch_groups: .* cannot be combined with axis_name"):
-    jax.vmap(lambda x: jaxbn.batch_norm(x, None, stats, training=True, batch_groups=2, axis_name="b"),
-             axis_name="b")(np.ones((2, 12, 3), np.float32))
+  with pytest.raises(ValueError, match=r"batch_groups: .* cannot be combined with axis_name"):
+    jax.vmap(lambda x: jaxbn.batch_norm(x, None, stats, training=True, batch_groups=2, axis_name="b"), axis_name="b")(
+      np.ones((2, 12, 3), np.float32)
+    )
   with pytest.raises(ValueError, match=r"batch_axis: expected an axis before every feature axis"):
-    jaxbn.batch_norm(np.ones((3, 12)), None, {"mean": np.zeros(3), "var": np.ones(3)}, training=True,
-                     axis=0, batch_axis=1, batch_groups=2)
+    jaxbn.batch_norm(
+      np.ones((3, 12)),
+      None,
+      {"mean": np.zeros(3), "var": np.ones(3)},
+      training=True,
+      axis=0,
+      batch_axis=1,
+      batch_groups=2,
+    )
   with pytest.raises(ValueError, match=r'stats\["mean"\]: expected shape \(3,\) or, one set per group, \(4, 3\)'):
     jaxbn.batch_norm(x, None, {"mean": np.zeros((2, 3)), "var": np.ones(3)}, training=True, batch_groups=4)
 
@@ -211,8 +236,7 @@ def test_flax_bn_under_jit_is_silently_global():
   with jax.set_mesh(mesh):
     xs = _shard(mesh, x)
     y, _ = jax.jit(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]))(variables, xs)
-  np.testing.assert_allclose(y, ref.bn_forward(x.reshape(D * B, C), np.ones(C), np.zeros(C))[0],
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(y, ref.bn_forward(x.reshape(D * B, C), np.ones(C), np.zeros(C))[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("per_device", [True, False])
@@ -223,8 +247,14 @@ def test_nnx_under_jit_and_shard_map(per_device):
   mesh = _mesh(AxisType.Explicit)
 
   def model(axis_name=None):
-    return jaxbn.nnx.BatchNorm(C, use_running_average=False, momentum=0.9, rngs=nnx.Rngs(0),
-                               batch_groups=D if per_device else None, axis_name=axis_name)
+    return jaxbn.nnx.BatchNorm(
+      C,
+      use_running_average=False,
+      momentum=0.9,
+      rngs=nnx.Rngs(0),
+      batch_groups=D if per_device else None,
+      axis_name=axis_name,
+    )
 
   with jax.set_mesh(mesh):
     xs = _shard(mesh, x)

@@ -15,8 +15,7 @@ X = jax.random.uniform(jax.random.key(42), (6, 28, 28))
 
 def _init(model, x=X):
   # jitted: one compilation instead of op-by-op dispatch of a whole net
-  return jax.jit(lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
-                                      train=False))(x)
+  return jax.jit(lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False))(x)
 
 
 def test_mlp_shapes_and_init():
@@ -53,7 +52,9 @@ def test_mlp_preactivation_is_the_last_sigmoids_input():
     h = nn.sigmoid(h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"])
   pre = h @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"]
   np.testing.assert_allclose(extras["last_preactivation"], pre, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(logits, nn.sigmoid(pre) @ p["Dense_3"]["kernel"] + p["Dense_3"]["bias"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    logits, nn.sigmoid(pre) @ p["Dense_3"]["kernel"] + p["Dense_3"]["bias"], rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("bn", [False, True])
@@ -70,8 +71,7 @@ def test_inception_shapes_and_bn_placement(bn):
     # one BN per conv unit: stem + 4 modules x 7 units (1 + 2 + 3 + pool 1), mean and var each
     assert len(stats) == 2 * (1 + 4 * 7)
   # Dropout is active only in training.
-  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key},
-                                                 mutable=["batch_stats"])[0][0])
+  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0][0])
   y1, y2 = train(variables, X, jax.random.key(0)), train(variables, X, jax.random.key(1))
   assert not np.allclose(y1, y2)
 
@@ -80,8 +80,9 @@ def test_inception_accepts_sigmoid_and_synced_norm():
   norm = functools.partial(jaxbn.BatchNorm, axis_name="batch")
   model = InceptionNet(norm=norm, activation=nn.sigmoid, width=4)
   variables = _init(model)  # init needs no bound axis, as in flax
-  out = jax.jit(jax.vmap(lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0][0],
-                         axis_name="batch"))(X.reshape(2, 3, 28, 28))
+  out = jax.jit(
+    jax.vmap(lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0][0], axis_name="batch")
+  )(X.reshape(2, 3, 28, 28))
   assert out.shape == (2, 3, 10) and np.all(np.isfinite(out))
 
 
@@ -93,8 +94,7 @@ def test_inception_dropout_on_a_batch_sharded_explicit_mesh():
   model = InceptionNet(norm=jaxbn.BatchNorm, width=4, dropout=0.5)
   variables = _init(model)
   x = np.random.default_rng(0).random((16, 28, 28), np.float32)
-  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key},
-                                                 mutable=["batch_stats"])[0][0])
+  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0][0])
   with jax.set_mesh(mesh):
     x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
     y1, y2 = train(variables, x, jax.random.key(0)), train(variables, x, jax.random.key(1))

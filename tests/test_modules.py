@@ -10,15 +10,15 @@ from flax import nnx
 import jaxbn
 
 CASES = [
-    dict(shape=(16, 5), kw={}),
-    dict(shape=(4, 6, 6, 3), kw={}),
-    dict(shape=(4, 3, 6, 6), kw=dict(axis=1)),
-    dict(shape=(4, 3, 5, 2), kw=dict(axis=(1, 3))),
-    dict(shape=(8, 4), kw=dict(use_bias=False)),
-    dict(shape=(8, 4), kw=dict(use_scale=False)),
-    dict(shape=(8, 4), kw=dict(use_bias=False, use_scale=False)),
-    dict(shape=(8, 4), kw=dict(momentum=0.5, epsilon=1e-3)),
-    dict(shape=(8, 4), kw=dict(scale_init=nn.initializers.normal(), bias_init=nn.initializers.normal())),
+  dict(shape=(16, 5), kw={}),
+  dict(shape=(4, 6, 6, 3), kw={}),
+  dict(shape=(4, 3, 6, 6), kw=dict(axis=1)),
+  dict(shape=(4, 3, 5, 2), kw=dict(axis=(1, 3))),
+  dict(shape=(8, 4), kw=dict(use_bias=False)),
+  dict(shape=(8, 4), kw=dict(use_scale=False)),
+  dict(shape=(8, 4), kw=dict(use_bias=False, use_scale=False)),
+  dict(shape=(8, 4), kw=dict(momentum=0.5, epsilon=1e-3)),
+  dict(shape=(8, 4), kw=dict(scale_init=nn.initializers.normal(), bias_init=nn.initializers.normal())),
 ]
 
 
@@ -28,7 +28,7 @@ def _x(shape, seed=0):
 
 def _assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     assert u.shape == v.shape and u.dtype == v.dtype, (u.shape, v.shape, u.dtype, v.dtype)
     np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
 
@@ -63,8 +63,7 @@ def test_use_running_average_from_field_or_call():
   stats = {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 4.0)}
   v = {**v, "batch_stats": stats}
   np.testing.assert_allclose(evaluate.apply(v, x), (x - 0.5) / jnp.sqrt(4.0 + 1e-5), rtol=1e-6)
-  np.testing.assert_allclose(jaxbn.BatchNorm().apply(v, x, use_running_average=True),
-                             evaluate.apply(v, x), rtol=0)
+  np.testing.assert_allclose(jaxbn.BatchNorm().apply(v, x, use_running_average=True), evaluate.apply(v, x), rtol=0)
   with pytest.raises(ValueError, match="use_running_average"):
     jaxbn.BatchNorm(use_running_average=True).apply(v, x, use_running_average=False)
   y, upd = train.apply(v, x, mutable=["batch_stats"])
@@ -74,8 +73,7 @@ def test_use_running_average_from_field_or_call():
 
 def test_linen_half_precision_dtypes_follow_flax():
   x = _x((8, 4)).astype(jnp.bfloat16)
-  for kw in ({}, dict(dtype=jnp.bfloat16), dict(use_bias=False, use_scale=False),
-             dict(param_dtype=jnp.bfloat16)):
+  for kw in ({}, dict(dtype=jnp.bfloat16), dict(use_bias=False, use_scale=False), dict(param_dtype=jnp.bfloat16)):
     v = nn.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
     y1 = jaxbn.BatchNorm(**kw).apply(v, x, use_running_average=False, mutable=["batch_stats"])[0]
     y2 = nn.BatchNorm(**kw).apply(v, x, use_running_average=False, mutable=["batch_stats"])[0]
@@ -91,12 +89,14 @@ def test_variables_load_crosswise():
   v = {**v, "params": {"scale": jnp.arange(6.0) + 1, "bias": jnp.arange(6.0) - 2}}
   _, trained = theirs.apply(v, x, use_running_average=False, mutable=["batch_stats"])
   v = {**v, **trained}
-  np.testing.assert_allclose(ours.apply(v, x * 3, use_running_average=True),
-                             theirs.apply(v, x * 3, use_running_average=True), rtol=1e-6)
+  np.testing.assert_allclose(
+    ours.apply(v, x * 3, use_running_average=True), theirs.apply(v, x * 3, use_running_average=True), rtol=1e-6
+  )
   _, ours_trained = ours.apply(v, x, use_running_average=False, mutable=["batch_stats"])
   back = {**v, **ours_trained}
-  np.testing.assert_allclose(theirs.apply(back, x, use_running_average=True),
-                             ours.apply(back, x, use_running_average=True), rtol=1e-6)
+  np.testing.assert_allclose(
+    theirs.apply(back, x, use_running_average=True), ours.apply(back, x, use_running_average=True), rtol=1e-6
+  )
 
 
 def test_in_a_model_as_an_injected_norm():
@@ -131,8 +131,9 @@ def test_linen_axis_name_under_vmap_matches_flax():
   _assert_trees_close(u1, u2)
   # and it really is the global batch:
   flat = np.asarray(x).reshape(-1, 3)
-  np.testing.assert_allclose(y1.reshape(-1, 3), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    y1.reshape(-1, 3), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_linen_axis_name_under_pmap_matches_flax():
@@ -158,7 +159,7 @@ def test_linen_mask_fixes_flax_unweighted_mean_over_replicas():
   mask = np.arange(6)[None, :, None] < counts[:, None, None]
   kw = dict(use_running_average=False, axis_name="batch", momentum=0.0)
   v = nn.BatchNorm(**kw).init(jax.random.key(0), x[0])
-  valid = np.concatenate([x[r, :counts[r]] for r in range(8)])
+  valid = np.concatenate([x[r, : counts[r]] for r in range(8)])
 
   def stats(module):
     run = lambda x, m: module.apply(v, x, mask=m, mutable=["batch_stats"])[1]["batch_stats"]
@@ -172,9 +173,13 @@ def test_linen_mask_fixes_flax_unweighted_mean_over_replicas():
 
 # ---- NNX ---------------------------------------------------------------------
 
-NNX_CASES = [dict(shape=(16, 5), kw={}), dict(shape=(4, 6, 6, 3), kw={}),
-             dict(shape=(4, 3, 6, 6), kw=dict(axis=1)), dict(shape=(8, 4), kw=dict(use_bias=False)),
-             dict(shape=(8, 4), kw=dict(use_scale=False, momentum=0.5))]
+NNX_CASES = [
+  dict(shape=(16, 5), kw={}),
+  dict(shape=(4, 6, 6, 3), kw={}),
+  dict(shape=(4, 3, 6, 6), kw=dict(axis=1)),
+  dict(shape=(8, 4), kw=dict(use_bias=False)),
+  dict(shape=(8, 4), kw=dict(use_scale=False, momentum=0.5)),
+]
 
 
 @pytest.mark.parametrize("case", NNX_CASES, ids=lambda c: f"{c['shape']}-{c['kw']}")
@@ -194,7 +199,7 @@ def test_nnx_matches_flax(case):
   before = nnx.to_pure_dict(nnx.state(ours, nnx.BatchStat))
   np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
   after = nnx.to_pure_dict(nnx.state(ours, nnx.BatchStat))
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -220,5 +225,6 @@ def test_nnx_axis_name_under_vmap():
   ours = jaxbn.nnx.BatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
   y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(ours, x)
   flat = np.asarray(x).reshape(-1, 3)
-  np.testing.assert_allclose(np.asarray(y).reshape(-1, 3),
-                             (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(y).reshape(-1, 3), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), rtol=1e-4, atol=1e-4
+  )

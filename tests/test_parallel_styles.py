@@ -32,20 +32,36 @@ def runs(tmp_path_factory):
   assert jax.device_count() == 8
   root = tmp_path_factory.mktemp("styles")
   idx = write_dataset(root / "idx", make_dataset(n_train=2000, n_test=100))
-  base = training.Config(dataset="mnist", idx_dir=str(idx), data_dir=str(root / "tfds"), model="mlp",
-                         batch_size=8, steps=200, eval_every=100, checkpoint_every=200, lr=0.01,
-                         init_std=0.1, progress=False)
+  base = training.Config(
+    dataset="mnist",
+    idx_dir=str(idx),
+    data_dir=str(root / "tfds"),
+    model="mlp",
+    batch_size=8,
+    steps=200,
+    eval_every=100,
+    checkpoint_every=200,
+    lr=0.01,
+    init_std=0.1,
+    progress=False,
+  )
   results = {}
   for bn in training.BN_MODES:
     for style in training.PARALLEL_STYLES:
       out = root / f"{bn}-{style}"
-      config = dataclasses.replace(base, bn=bn, parallel=style, out=str(out),
-                                   population_batches=POPULATION_BATCHES if bn in ("per-device", "sync") else 0)
+      config = dataclasses.replace(
+        base,
+        bn=bn,
+        parallel=style,
+        out=str(out),
+        population_batches=POPULATION_BATCHES if bn in ("per-device", "sync") else 0,
+      )
       training.train_and_evaluate(config, devices=jax.devices())
       metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
       abstract = training.create_train_state(config, (28, 28))
       checkpoint = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
-          200, args=ocp.args.StandardRestore(abstract))
+        200, args=ocp.args.StandardRestore(abstract)
+      )
       results[bn, style] = metrics, checkpoint
   results["config"] = base
   return results
@@ -56,7 +72,7 @@ def runs(tmp_path_factory):
 def test_style_gives_the_same_run_as_jit(runs, bn, style):
   (reference, saved), (other, other_saved) = runs[bn, "jit"], runs[bn, style]
   assert [r["step"] for r in other] == [100, 200]
-  for a, b in zip(reference, other):
+  for a, b in zip(reference, other, strict=True):
     assert all(key in a for key in POPULATION_KEYS) == (bn in ("per-device", "sync"))
     for key in KEYS + tuple(k for k in POPULATION_KEYS if k in a):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (bn, style, a["step"], key)
@@ -83,20 +99,20 @@ def test_population_evaluation_is_algorithm_2_of_the_final_weights(runs, bn):
   dataset = data.load(config.dataset, data_dir=config.data_dir, idx_dir=config.idx_dir)
   size = config.batch_size * (8 if bn == "sync" else 1)
   order = np.random.default_rng(config.seed).permutation(len(dataset.train_images))
-  batches = [dataset.train_images[order[i * size:(i + 1) * size]].astype(np.float32) / 255
-             for i in range(POPULATION_BATCHES)]
+  batches = [
+    dataset.train_images[order[i * size : (i + 1) * size]].astype(np.float32) / 255 for i in range(POPULATION_BATCHES)
+  ]
   model = training.make_model(config)
   variables = {"params": saved.params, "batch_stats": saved.batch_stats}
   population = jaxbn.population_stats(model, variables, batches, train=False)
-  logits, _ = model.apply({**variables, "batch_stats": population},
-                          dataset.test_images.astype(np.float32) / 255, train=False)
+  logits, _ = model.apply(
+    {**variables, "batch_stats": population}, dataset.test_images.astype(np.float32) / 255, train=False
+  )
   accuracy = float(np.mean(np.argmax(logits, -1) == dataset.test_labels))
   assert metrics[-1]["test_accuracy_population"] == pytest.approx(accuracy, abs=1e-6)
   # and it is not the running-average evaluation under another name
-  differences = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), population,
-                             saved.batch_stats)
+  differences = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), population, saved.batch_stats)
   assert max(jax.tree.leaves(differences)) > 1e-3
-
 
 
 def test_sigmoid_inception_evaluates_in_jit_style(num_devices=1):
@@ -112,10 +128,14 @@ def test_sigmoid_inception_evaluates_in_jit_style(num_devices=1):
   state = training.create_train_state(config, (28, 28))
   model = training.make_model(config)
   parallel = training.Parallel("jit", jax.devices()[:num_devices], per_device_bn=False)
-  sums, _ = parallel.evaluate(parallel.put_state(state), *parallel.shard((images, labels, labels >= 0)),
-                              model=model, chunk=2)
-  logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                          images.reshape(32, 28, 28).astype(np.float32) / 255, train=False)
+  sums, _ = parallel.evaluate(
+    parallel.put_state(state), *parallel.shard((images, labels, labels >= 0)), model=model, chunk=2
+  )
+  logits, _ = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats},
+    images.reshape(32, 28, 28).astype(np.float32) / 255,
+    train=False,
+  )
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(-1))
   assert sums["count"] == 32
   assert sums["loss"] == pytest.approx(float(expected.sum()), rel=1e-5)

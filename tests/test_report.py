@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(accuracies, p50=None, bn=False):
-  metrics = [{"step": 500 * (i + 1), "test_accuracy": a, "p50": (p50 or [0.0] * len(accuracies))[i]}
-             for i, a in enumerate(accuracies)]
+  metrics = [
+    {"step": 500 * (i + 1), "test_accuracy": a, "p50": (p50 or [0.0] * len(accuracies))[i]}
+    for i, a in enumerate(accuracies)
+  ]
   return Run("x", {"labels": {"bn": bn}}, metrics, {})
 
 
@@ -45,8 +47,12 @@ def test_median_spread_starts_at_step_1000():
 
 @pytest.mark.skipif(not (ROOT / "reports" / "full" / "data").is_dir(), reason="no committed report metrics")
 def test_the_committed_report_redraws_from_its_metrics(tmp_path):
-  result = subprocess.run([sys.executable, "experiments/report.py", "--size", "full", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True)
+  result = subprocess.run(
+    [sys.executable, "experiments/report.py", "--size", "full", "--out", str(tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   for page in ("e1.md", "e2.md", "e3.md"):
     text = (tmp_path / page).read_text()

@@ -15,9 +15,14 @@ def _ignored(path: str) -> bool:
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
 def test_report_metrics_and_benchmark_results_are_not_ignored():
-  for path in ("reports/full/data/e1/runs.json", "reports/full/data/e1/run.jsonl", "reports/full/e1.png",
-               "benchmarks/results/bn_layer.json", "benchmarks/results/bn_layer.tuned-malloc.json",
-               "examples/nnx_data_parallel.py"):
+  for path in (
+    "reports/full/data/e1/runs.json",
+    "reports/full/data/e1/run.jsonl",
+    "reports/full/e1.png",
+    "benchmarks/results/bn_layer.json",
+    "benchmarks/results/bn_layer.tuned-malloc.json",
+    "examples/nnx_data_parallel.py",
+  ):
     assert not _ignored(path), path
   for path in ("data/fashion_mnist/1.0.0/x", "runs/x/metrics.jsonl", ".venv/bin/python", "reports/default/e1.md"):
     assert _ignored(path), path

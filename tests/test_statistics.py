@@ -14,8 +14,7 @@ def test_sync_batch_stats_is_the_law_of_total_variance():
   assert jax.device_count() == 8
   rng = np.random.default_rng(0)
   data = rng.normal(rng.normal(0, 3, (8, 1, 4)), 1.5, (8, 50, 4))  # per-device shifted
-  per_device = {"block": {"bn": {"mean": data.mean(1).astype(np.float32),
-                                 "var": data.var(1).astype(np.float32)}}}
+  per_device = {"block": {"bn": {"mean": data.mean(1).astype(np.float32), "var": data.var(1).astype(np.float32)}}}
   pooled = data.reshape(-1, 4)
   synced = jax.pmap(lambda s: jaxbn.sync_batch_stats(s, "d"), axis_name="d")(per_device)
   for r in (0, 7):
@@ -58,10 +57,12 @@ def test_population_stats_is_algorithm_2(norm):
   for x in batches:
     h = x.astype(np.float64) @ np.asarray(p["Dense_0"]["kernel"], np.float64) + np.asarray(p["Dense_0"]["bias"])
     m = h.shape[0]
-    means["bn1"].append(h.mean(0)); vars_["bn1"].append(h.var(0) * m / (m - 1))
+    means["bn1"].append(h.mean(0))
+    vars_["bn1"].append(h.var(0) * m / (m - 1))
     h, _ = ref.bn_forward(h, p["bn1"]["scale"], p["bn1"]["bias"])
     h = np.tanh(h) @ np.asarray(p["Dense_1"]["kernel"], np.float64) + np.asarray(p["Dense_1"]["bias"])
-    means["bn2"].append(h.mean(0)); vars_["bn2"].append(h.var(0) * m / (m - 1))
+    means["bn2"].append(h.mean(0))
+    vars_["bn2"].append(h.var(0) * m / (m - 1))
   for layer in ("bn1", "bn2"):
     np.testing.assert_allclose(new[layer]["mean"], np.mean(means[layer], 0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new[layer]["var"], np.mean(vars_[layer], 0), rtol=1e-4)

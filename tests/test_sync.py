@@ -3,20 +3,22 @@
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from jax.sharding import NamedSharding, PartitionSpec as P
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import flax.linen as nn
 import jaxbn
 from tests import reference as ref
 
-R = 8          # replicas
-CAP = 6        # per-replica capacity (rows), padded
-C = 3          # features
+R = 8  # replicas
+CAP = 6  # per-replica capacity (rows), padded
+C = 3  # features
 
 
 def _require_devices():
@@ -30,18 +32,25 @@ def _split(counts, x_global, mask_global, seed):
   ms = np.zeros((R, CAP, C), bool)
   start = 0
   for r, n in enumerate(counts):
-    xs[r, :n] = x_global[start:start + n]
-    ms[r, :n] = mask_global[start:start + n]
+    xs[r, :n] = x_global[start : start + n]
+    ms[r, :n] = mask_global[start : start + n]
     start += n
   return xs, ms
 
 
 def _loss_and_stats(axis_name):
   def loss(x, scale, bias, mask, g):
-    y, new = jaxbn.batch_norm(x, {"scale": scale, "bias": bias},
-                              {"mean": jnp.zeros(C), "var": jnp.ones(C)},
-                              training=True, momentum=0.0, axis_name=axis_name, mask=mask)
+    y, new = jaxbn.batch_norm(
+      x,
+      {"scale": scale, "bias": bias},
+      {"mean": jnp.zeros(C), "var": jnp.ones(C)},
+      training=True,
+      momentum=0.0,
+      axis_name=axis_name,
+      mask=mask,
+    )
     return jnp.sum(y * g), (y, new)
+
   return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)
 
 
@@ -53,13 +62,16 @@ def _pmapped():
 @functools.cache
 def _shard_mapped():
   mesh = jax.make_mesh((R,), ("r",))
+
   def run(x, scale, bias, mask, g):
-    (l, (y, new)), (dx, ds, db) = _loss_and_stats("r")(x[0], scale, bias, mask[0], g[0])
+    (_l, (y, new)), (dx, ds, db) = _loss_and_stats("r")(x[0], scale, bias, mask[0], g[0])
     return y[None], new, dx[None], ds, db
 
-  fn = jax.jit(jax.shard_map(run, mesh=mesh,
-                             in_specs=(P("r"), P(), P(), P("r"), P("r")),
-                             out_specs=(P("r"), P(), P("r"), P(), P())))
+  fn = jax.jit(
+    jax.shard_map(
+      run, mesh=mesh, in_specs=(P("r"), P(), P(), P("r"), P("r")), out_specs=(P("r"), P(), P("r"), P(), P())
+    )
+  )
   put = lambda t: jax.device_put(t, NamedSharding(mesh, P("r")))
   return lambda x, s, b, m, g: fn(put(x), s, b, put(m), put(g))
 
@@ -86,8 +98,7 @@ def _check_synced_equals_global(runner, counts, seed, per_device_params):
   np.testing.assert_allclose(np.asarray(new["mean"]).reshape(-1, C)[0], mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(new["var"]).reshape(-1, C)[0], var, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, C), y_ref, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(dx).reshape(-1, C), dx_ref, rtol=1e-4,
-                             atol=1e-4 * np.abs(dx_ref).max())
+  np.testing.assert_allclose(np.asarray(dx).reshape(-1, C), dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
   if per_device_params:  # pmap: each device holds its share; they sum to the total
     dscale, dbias = np.sum(dscale, 0), np.sum(dbias, 0)
   np.testing.assert_allclose(dscale, dscale_ref, rtol=1e-4, atol=1e-4)
@@ -147,8 +158,7 @@ def test_axis_index_groups_give_each_groups_statistics():
   groups = [[0, 3, 5], [1, 2], [4, 6, 7]]
   rng = np.random.default_rng(5)
   x = rng.normal(1, 2, (R, CAP, C)).astype(np.float32)
-  m = jax.pmap(lambda x: jaxbn.moments(x, axis_name="r", axis_index_groups=groups),
-               axis_name="r")(x)
+  m = jax.pmap(lambda x: jaxbn.moments(x, axis_name="r", axis_index_groups=groups), axis_name="r")(x)
   for group in groups:
     _, mean, var = ref.batch_moments(x[group].reshape(-1, C))
     for r in group:
@@ -168,11 +178,12 @@ def test_per_device_mode_equals_bn_of_each_shard():
     def loss(x):
       y, new = jaxbn.batch_norm(x, {"scale": scale}, stats, training=True, momentum=0.0)
       return jnp.sum(y * g), (y, new)
+
     return jax.grad(loss, has_aux=True)(x)
 
   dx, (y, new) = jax.pmap(step, axis_name="r")(x, g)
   for r in range(R):
-    y_ref, (_, mean, var) = ref.bn_forward(x[r], scale, np.zeros(C))
+    y_ref, (_, _mean, var) = ref.bn_forward(x[r], scale, np.zeros(C))
     np.testing.assert_allclose(y[r], y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new["var"][r], var, rtol=1e-5)
     np.testing.assert_allclose(dx[r], ref.bn_backward(x[r], scale, g[r])[0], rtol=1e-4, atol=1e-4)
@@ -181,9 +192,12 @@ def test_per_device_mode_equals_bn_of_each_shard():
 
 # ---- collectives in the lowered program -----------------------------------
 
+
 def _count_collectives(hlo_text):
-  return {op: len(re.findall(rf"\b{op}\b", hlo_text))
-          for op in ("all_gather", "all_reduce", "all_to_all", "collective_permute", "reduce_scatter")}
+  return {
+    op: len(re.findall(rf"\b{op}\b", hlo_text))
+    for op in ("all_gather", "all_reduce", "all_to_all", "collective_permute", "reduce_scatter")
+  }
 
 
 def _bn_program(layer, grad):
@@ -195,7 +209,7 @@ def _bn_program(layer, grad):
     return jnp.sum(y * y), upd
 
   fn = jax.grad(fwd, argnums=(0, 1), has_aux=True) if grad else fwd
-  variables = jax.tree.map(lambda t: np.broadcast_to(t, (R,) + t.shape), variables)
+  variables = jax.tree.map(lambda t: np.broadcast_to(t, (R, *t.shape)), variables)
   return jax.pmap(fn, axis_name="r").lower(variables, x).as_text()
 
 
@@ -204,10 +218,8 @@ def test_one_collective_forward_and_one_backward():
   layer = jaxbn.BatchNorm(use_running_average=False, axis_name="r")
   fwd = _count_collectives(_bn_program(layer, grad=False))
   both = _count_collectives(_bn_program(layer, grad=True))
-  assert fwd == {"all_gather": 1, "all_reduce": 0, "all_to_all": 0,
-                 "collective_permute": 0, "reduce_scatter": 0}, fwd
-  assert both == {"all_gather": 1, "all_reduce": 1, "all_to_all": 0,
-                  "collective_permute": 0, "reduce_scatter": 0}, both
+  assert fwd == {"all_gather": 1, "all_reduce": 0, "all_to_all": 0, "collective_permute": 0, "reduce_scatter": 0}, fwd
+  assert both == {"all_gather": 1, "all_reduce": 1, "all_to_all": 0, "collective_permute": 0, "reduce_scatter": 0}, both
 
 
 def test_flax_reference_program_has_collectives_too():

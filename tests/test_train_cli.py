@@ -15,17 +15,27 @@ import train  # noqa: E402
 from tests.idx_files import make_dataset, write_dataset  # noqa: E402
 
 
-@pytest.mark.parametrize("flags,flag", [
-    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--checkpoint-every", "0"], "--checkpoint-every"),
+@pytest.mark.parametrize(
+  "flags,flag",
+  [
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
     (["--eval-every", "100", "--checkpoint-every", "150"], "--checkpoint-every"),
-    (["--devices", "0"], "--devices"), (["--devices", "1000", "--batch-size", "100"], "--batch-size"),
-    (["--dropout", "1.5"], "--dropout"), (["--bn-momentum", "2"], "--bn-momentum"), (["--steps", "0"], "--steps"),
-    (["--bn", "global"], "--bn"), (["--process-id", "1"], "--coordinator"),
-    (["--resume", "--overwrite"], "--overwrite"), (["--init-std", "inf"], "--init-std"),
+    (["--devices", "0"], "--devices"),
+    (["--devices", "1000", "--batch-size", "100"], "--batch-size"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--bn-momentum", "2"], "--bn-momentum"),
+    (["--steps", "0"], "--steps"),
+    (["--bn", "global"], "--bn"),
+    (["--process-id", "1"], "--coordinator"),
+    (["--resume", "--overwrite"], "--overwrite"),
+    (["--init-std", "inf"], "--init-std"),
     (["--population-batches", "-1", "--bn", "sync"], "--population-batches"),
     (["--population-batches", "10"], "--population-batches"),  # --bn none has no statistics
     (["--population-batches", "10", "--bn", "renorm"], "--population-batches"),
-])
+  ],
+)
 def test_bad_flags_are_one_line_usage_errors(flags, flag, capsys):
   with pytest.raises(SystemExit) as exit_info:
     train.parse_args(flags)
@@ -38,8 +48,14 @@ def test_defaults_adapt_and_help_shows_every_default():
   config, _, _ = train.parse_args(["--eval-every", "3000", "--steps", "200"])
   assert config.checkpoint_every == 12_000  # 10,000 rounded up to a multiple of --eval-every
   text = train.make_parser().format_help()
-  for expected in ("--lr LR", "(default: 0.5; inception: 0.01)", "--parallel {jit,shard_map,pmap}",
-                   "(default: jit)", "(default: 50000; inception: 10000)", "--connect-timeout"):
+  for expected in (
+    "--lr LR",
+    "(default: 0.5; inception: 0.01)",
+    "--parallel {jit,shard_map,pmap}",
+    "(default: jit)",
+    "(default: 50000; inception: 10000)",
+    "--connect-timeout",
+  ):
     assert expected in text, expected
   for action in train.make_parser()._actions:
     assert action.help, action.option_strings
@@ -54,9 +70,28 @@ def idx_dir(tmp_path_factory):
 
 
 def _run(idx_dir, out, *extra, data_dir=None):
-  cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--idx-dir", str(idx_dir),
-         "--data-dir", str(data_dir or Path(out).parent / "tfds"), "--out", str(out), "--no-progress",
-         "--devices", "2", "--batch-size", "6", "--init-std", "0.3", "--eval-every", "10", *extra]
+  cmd = [
+    sys.executable,
+    str(ROOT / "train.py"),
+    "--dataset",
+    "mnist",
+    "--idx-dir",
+    str(idx_dir),
+    "--data-dir",
+    str(data_dir or Path(out).parent / "tfds"),
+    "--out",
+    str(out),
+    "--no-progress",
+    "--devices",
+    "2",
+    "--batch-size",
+    "6",
+    "--init-std",
+    "0.3",
+    "--eval-every",
+    "10",
+    *extra,
+  ]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -133,6 +168,7 @@ def test_data_errors_name_the_file(tmp_path, idx_dir):
 
 def test_idx_dir_is_never_shadowed_by_prepared_data(tmp_path):
   from jaxbn import data
+
   first = write_dataset(tmp_path / "first", make_dataset(n_train=50, n_test=10, seed=1))
   second = write_dataset(tmp_path / "second", make_dataset(n_train=70, n_test=10, seed=2))
   assert data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(first)).train_images.shape[0] == 50
@@ -142,6 +178,7 @@ def test_idx_dir_is_never_shadowed_by_prepared_data(tmp_path):
 
 def test_offline_download_fails_fast_with_the_how_to(tmp_path):
   from jaxbn import data
+
   start = time.time()
   with pytest.raises(data.DatasetNotFoundError, match="pass --idx-dir"):
     # A closed port on this machine stands for an unreachable host.
@@ -157,14 +194,24 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_d
   from jaxbn.training import loop
 
   original = ocp.CheckpointManager.save
+
   def save(self, step, *args, **kwargs):
     if step >= 20:
       raise OSError(28, "No space left on device")
     return original(self, step, *args, **kwargs)
+
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-  config = training.Config(dataset="mnist", idx_dir=str(idx_dir), data_dir=str(tmp_path / "tfds"),
-                           out=str(tmp_path / "run"), batch_size=6, steps=30, eval_every=10,
-                           checkpoint_every=10, progress=False)
+  config = training.Config(
+    dataset="mnist",
+    idx_dir=str(idx_dir),
+    data_dir=str(tmp_path / "tfds"),
+    out=str(tmp_path / "run"),
+    batch_size=6,
+    steps=30,
+    eval_every=10,
+    checkpoint_every=10,
+    progress=False,
+  )
   with pytest.raises(loop.CheckpointError) as error:
     loop.train_and_evaluate(config, devices=jax.devices()[:2])
   assert "\n" not in str(error.value)
@@ -175,12 +222,25 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_d
 
 def test_a_process_alone_gives_up_within_the_timeout(tmp_path, idx_dir):
   port = 23000 + os.getpid() % 1000
-  for process_id, expected in ((1, f"error: process 1: no coordinator at 127.0.0.1:{port} within 3 s"),
-                               (0, f"process 0: waiting up to 3 s (--connect-timeout) for 2 processes at "
-                                   f"127.0.0.1:{port}")):
+  for process_id, expected in (
+    (1, f"error: process 1: no coordinator at 127.0.0.1:{port} within 3 s"),
+    (0, f"process 0: waiting up to 3 s (--connect-timeout) for 2 processes at 127.0.0.1:{port}"),
+  ):
     start = time.time()
-    result = _run(idx_dir, tmp_path / f"p{process_id}", "--steps", "10", "--coordinator", f"127.0.0.1:{port}",
-                  "--num-processes", "2", "--process-id", str(process_id), "--connect-timeout", "3")
+    result = _run(
+      idx_dir,
+      tmp_path / f"p{process_id}",
+      "--steps",
+      "10",
+      "--coordinator",
+      f"127.0.0.1:{port}",
+      "--num-processes",
+      "2",
+      "--process-id",
+      str(process_id),
+      "--connect-timeout",
+      "3",
+    )
     assert result.returncode != 0 and time.time() - start < 60
     assert expected in result.stderr, result.stderr[-2000:]
     assert "CoordinationServiceAgent" not in result.stderr  # JAX's abort trace went to its log file

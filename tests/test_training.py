@@ -38,8 +38,10 @@ def _pmapped_step(config, state, images, labels):
   """One step under pmap, the state placed as train.py places it."""
   model, optimizer = training.make_model(config, DEVICES), training.make_optimizer(config)
   parallel = training.Parallel("pmap", jax.devices(), per_device_bn=config.bn == "per-device")
-  step = jax.pmap(functools.partial(training.train_step, model=model, optimizer=optimizer,
-                                    dropout_key=jax.random.key(0), local=True), axis_name=training.AXIS)
+  step = jax.pmap(
+    functools.partial(training.train_step, model=model, optimizer=optimizer, dropout_key=jax.random.key(0), local=True),
+    axis_name=training.AXIS,
+  )
   new, loss = step(parallel.put_state(state), images, labels)
   if config.bn == "per-device":  # each device sees its own row of running statistics
     new = new.replace(batch_stats=jax.tree.map(lambda a: a[:, 0], new.batch_stats))
@@ -51,8 +53,12 @@ def _single_device_step(config, state, images, labels):
   model = training.make_model(config)  # no axis, no groups
 
   def loss_fn(params):
-    (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                       images.astype(jnp.float32) / 255, train=True, mutable=["batch_stats"])
+    (logits, _), updates = model.apply(
+      {"params": params, "batch_stats": state.batch_stats},
+      images.astype(jnp.float32) / 255,
+      train=True,
+      mutable=["batch_stats"],
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -68,13 +74,12 @@ def test_synced_and_no_bn_step_equal_one_device_on_the_global_batch(bn):
   assert jax.device_count() == DEVICES
   config, state, images, labels = _step_inputs(bn)
   new, loss = _pmapped_step(config, state, images, labels)
-  g_loss, g_grads, g_stats = _single_device_step(
-      config, state, images.reshape(-1, 28, 28), labels.reshape(-1))
+  g_loss, g_grads, g_stats = _single_device_step(config, state, images.reshape(-1, 28, 28), labels.reshape(-1))
   np.testing.assert_allclose(loss[0], g_loss, rtol=1e-5)
   expected = _sgd(state.params, g_grads, config.lr)
   for d in (0, DEVICES - 1):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-6), new.params, expected)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-6), new.batch_stats, g_stats)
+    jax.tree.map(lambda a, b, d=d: np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-6), new.params, expected)
+    jax.tree.map(lambda a, b, d=d: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-6), new.batch_stats, g_stats)
 
 
 def test_per_device_step_averages_per_shard_gradients():
@@ -87,8 +92,9 @@ def test_per_device_step_averages_per_shard_gradients():
   expected = _sgd(state.params, mean_grads, config.lr)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[3], b, rtol=1e-4, atol=1e-6), new.params, expected)
   for d in (0, 5):  # each device keeps the running statistics of its own batches
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-6),
-                 new.batch_stats, shards[d][2])
+    jax.tree.map(
+      lambda a, b, d=d: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-6), new.batch_stats, shards[d][2]
+    )
   assert not np.allclose(new.batch_stats["BatchNorm_0"]["mean"][0], new.batch_stats["BatchNorm_0"]["mean"][1])
 
 
@@ -101,9 +107,24 @@ def idx_dir(tmp_path_factory):
 
 
 def _train_cmd(idx_dir, out, *extra):
-  return [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--idx-dir", str(idx_dir),
-          "--data-dir", str(Path(out).parent / "tfds"), "--out", str(out), "--no-progress",
-          "--batch-size", "6", "--init-std", "0.3", *extra]
+  return [
+    sys.executable,
+    str(ROOT / "train.py"),
+    "--dataset",
+    "mnist",
+    "--idx-dir",
+    str(idx_dir),
+    "--data-dir",
+    str(Path(out).parent / "tfds"),
+    "--out",
+    str(out),
+    "--no-progress",
+    "--batch-size",
+    "6",
+    "--init-std",
+    "0.3",
+    *extra,
+  ]
 
 
 def _run(cmd, **kw):
@@ -119,14 +140,14 @@ DETERMINISTIC = ("step", "train_loss", "test_loss", "test_accuracy", "p15", "p50
 
 
 def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
-  args = ("--bn", "per-device", "--devices", "2", "--steps", "1500", "--eval-every", "20",
-          "--checkpoint-every", "200")
+  args = ("--bn", "per-device", "--devices", "2", "--steps", "1500", "--eval-every", "20", "--checkpoint-every", "200")
   reference = _run(_train_cmd(idx_dir, tmp_path / "full", *args))
   assert reference.returncode == 0, reference.stderr[-3000:]
 
   out = tmp_path / "killed"
-  proc = subprocess.Popen(_train_cmd(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _train_cmd(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 240
   while not (out / "checkpoints" / "400").exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
@@ -139,26 +160,26 @@ def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   full, again = _metrics(tmp_path / "full"), _metrics(out)
   assert [m["step"] for m in again] == list(range(20, 1501, 20))
-  for a, b in zip(full, again):
+  for a, b in zip(full, again, strict=True):
     assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
 
 
 def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
   """37 test examples on 8 devices: the reported accuracy is over all 37."""
   out = tmp_path / "run"
-  result = _run(_train_cmd(idx_dir, out, "--bn", "sync", "--devices", "8", "--steps", "40",
-                           "--eval-every", "40"))
+  result = _run(_train_cmd(idx_dir, out, "--bn", "sync", "--devices", "8", "--steps", "40", "--eval-every", "40"))
   assert result.returncode == 0, result.stderr[-3000:]
   config = training.Config(**json.loads((out / "config.json").read_text()))
   model = training.make_model(config)
   abstract = training.create_train_state(config, (28, 28))
-  state = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
-      40, args=ocp.args.StandardRestore(abstract))
+  state = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(40, args=ocp.args.StandardRestore(abstract))
   from jaxbn import data
+
   ds = data.load("mnist", data_dir=str(tmp_path / "tfds"))
   assert ds.test_images.shape[0] == 37
-  logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                          ds.test_images.astype(np.float32) / 255, train=False)
+  logits, _ = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats}, ds.test_images.astype(np.float32) / 255, train=False
+  )
   accuracy = float(np.mean(np.argmax(logits, -1) == ds.test_labels))
   loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, ds.test_labels).mean())
   last = _metrics(out)[-1]
@@ -181,27 +202,48 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir):
   so a short run is compared at 1e-4 (O(1) values); a BN synced only within each process
   would differ by percents.
   """
-  args = ("--bn", "sync", "--steps", "20", "--eval-every", "10", "--checkpoint-every", "20",
-          "--lr", "0.1")
+  args = ("--bn", "sync", "--steps", "20", "--eval-every", "10", "--checkpoint-every", "20", "--lr", "0.1")
   single = _run(_train_cmd(idx_dir, tmp_path / "single", "--devices", "4", *args))
   assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
   multi = tmp_path / "multi"
-  procs = [subprocess.Popen(
-      _train_cmd(idx_dir, multi, "--devices", "2", *args, "--coordinator", f"127.0.0.1:{port}",
-                 "--num-processes", "2", "--process-id", str(i)),
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _train_cmd(
+        idx_dir,
+        multi,
+        "--devices",
+        "2",
+        *args,
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+      ),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
   one, two = _metrics(tmp_path / "single"), _metrics(multi)
   assert [m["step"] for m in two] == [10, 20]
-  for a, b in zip(one, two):
+  for a, b in zip(one, two, strict=True):
     for key in ("train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85"):
       assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), key
   # Same running statistics at the end.
   config = training.Config(**json.loads((multi / "config.json").read_text()))
   abstract = training.create_train_state(config, (28, 28))
   restore = lambda out: ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
-      20, args=ocp.args.StandardRestore(abstract))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-               restore(tmp_path / "single").batch_stats, restore(multi).batch_stats)
+    20, args=ocp.args.StandardRestore(abstract)
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+    restore(tmp_path / "single").batch_stats,
+    restore(multi).batch_stats,
+  )

@@ -14,7 +14,8 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from jax import enable_x64
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxbn
 
@@ -38,12 +39,12 @@ def _stats(c, dtype):
 
 
 CASES = {
-    # name: (shape, axis, masked, synced over a vmapped replica axis)
-    "dense": ((12, 3), -1, False, False),
-    "conv_nchw": ((3, 2, 4, 3), 1, False, False),
-    "masked": ((12, 3), -1, True, False),
-    "synced_vmap": ((R, 5, 3), -1, False, True),
-    "synced_masked": ((R, 5, 3), -1, True, True),
+  # name: (shape, axis, masked, synced over a vmapped replica axis)
+  "dense": ((12, 3), -1, False, False),
+  "conv_nchw": ((3, 2, 4, 3), 1, False, False),
+  "masked": ((12, 3), -1, True, False),
+  "synced_vmap": ((R, 5, 3), -1, False, True),
+  "synced_masked": ((R, 5, 3), -1, True, True),
 }
 
 
@@ -62,17 +63,23 @@ def _case(name, dtype=np.float64, seed=0):
 
   def jaxbn_fn(x, scale, bias):
     if synced:
-      run = lambda xr, mr: jaxbn.batch_norm(xr, {"scale": scale, "bias": bias}, _stats(c, x.dtype),
-                                            training=True, axis=axis, axis_name="r", mask=mr)[0]
-      return jax.vmap(run, axis_name="r")(x, mask) if mask is not None else \
-          jax.vmap(lambda xr: run(xr, None), axis_name="r")(x)
-    return jaxbn.batch_norm(x, {"scale": scale, "bias": bias}, _stats(c, x.dtype),
-                            training=True, axis=axis, mask=mask)[0]
+      run = lambda xr, mr: jaxbn.batch_norm(
+        xr, {"scale": scale, "bias": bias}, _stats(c, x.dtype), training=True, axis=axis, axis_name="r", mask=mr
+      )[0]
+      return (
+        jax.vmap(run, axis_name="r")(x, mask)
+        if mask is not None
+        else jax.vmap(lambda xr: run(xr, None), axis_name="r")(x)
+      )
+    return jaxbn.batch_norm(x, {"scale": scale, "bias": bias}, _stats(c, x.dtype), training=True, axis=axis, mask=mask)[
+      0
+    ]
 
   def reference_fn(x, scale, bias):
     if synced:  # the concatenated global batch
-      flat = reference_bn(x.reshape((-1,) + x.shape[2:]), scale, bias, axis,
-                          None if mask is None else mask.reshape((-1,) + x.shape[2:]))
+      flat = reference_bn(
+        x.reshape((-1, *x.shape[2:])), scale, bias, axis, None if mask is None else mask.reshape((-1, *x.shape[2:]))
+      )
       return flat.reshape(x.shape)
     return reference_bn(x, scale, bias, axis, mask)
 
@@ -82,7 +89,7 @@ def _case(name, dtype=np.float64, seed=0):
 def _close(actual, expected, rtol=1e-9, atol=1e-9):
   """Leaf-by-leaf closeness of two equal pytrees (hessians are nested tuples)."""
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
 
@@ -122,12 +129,10 @@ def test_hessian_and_grad_of_grad(name):
   with enable_x64():
     args, f, ref = _case(name)
     w = _tangents(args, seed=3)[0]
-    loss = lambda g: (lambda x, s, b: jnp.sum(jnp.sin(g(x, s, b)) * w))
-    _close(jax.hessian(loss(f), (0, 1))(*args), jax.hessian(loss(ref), (0, 1))(*args),
-           rtol=1e-8, atol=1e-8)
-    grad_norm = lambda g: (lambda x, s, b: jnp.sum(jax.grad(loss(g), (0, 1))(x, s, b)[0] ** 2))
-    _close(jax.grad(grad_norm(f), (0, 1, 2))(*args), jax.grad(grad_norm(ref), (0, 1, 2))(*args),
-           rtol=1e-8, atol=1e-8)
+    loss = lambda g: lambda x, s, b: jnp.sum(jnp.sin(g(x, s, b)) * w)
+    _close(jax.hessian(loss(f), (0, 1))(*args), jax.hessian(loss(ref), (0, 1))(*args), rtol=1e-8, atol=1e-8)
+    grad_norm = lambda g: lambda x, s, b: jnp.sum(jax.grad(loss(g), (0, 1))(x, s, b)[0] ** 2)
+    _close(jax.grad(grad_norm(f), (0, 1, 2))(*args), jax.grad(grad_norm(ref), (0, 1, 2))(*args), rtol=1e-8, atol=1e-8)
 
 
 def test_float32_derivatives_match_float64_reference():
@@ -155,8 +160,7 @@ def test_jvp_synced_under_shard_map_equals_global_batch():
   scale = np.array([0.5, 1.0, 2.0], np.float32)
 
   def local(x, dx):
-    f = lambda x: jaxbn.batch_norm(x, {"scale": scale}, _stats(3, jnp.float32), training=True,
-                                   axis_name="d")[0]
+    f = lambda x: jaxbn.batch_norm(x, {"scale": scale}, _stats(3, jnp.float32), training=True, axis_name="d")[0]
     return jax.jvp(f, (x,), (dx,))
 
   run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P("d"))))
@@ -180,8 +184,10 @@ def test_linen_forward_mode_matches_flax():
   t = jax.random.normal(jax.random.key(1), x.shape)
   ours, theirs = _linen_pair(momentum=0.9)
   variables = theirs.init(jax.random.key(2), x)
-  variables = {"params": {"scale": jnp.linspace(0.5, 2, 5), "bias": jnp.linspace(-1, 1, 5)},
-               "batch_stats": variables["batch_stats"]}
+  variables = {
+    "params": {"scale": jnp.linspace(0.5, 2, 5), "bias": jnp.linspace(-1, 1, 5)},
+    "batch_stats": variables["batch_stats"],
+  }
 
   def out(module):
     return lambda x: module.apply(variables, x, mutable=["batch_stats"])
@@ -191,8 +197,7 @@ def test_linen_forward_mode_matches_flax():
   _close(y, y_f, rtol=1e-5, atol=1e-5)
   _close(dy, dy_f, rtol=1e-4, atol=1e-4)
   _close(upd["batch_stats"]["var"], upd_f["batch_stats"]["var"], rtol=1e-5, atol=1e-6)
-  _close(jax.jacfwd(lambda x: out(ours)(x)[0])(x), jax.jacfwd(lambda x: out(theirs)(x)[0])(x),
-         rtol=1e-4, atol=1e-4)
+  _close(jax.jacfwd(lambda x: out(ours)(x)[0])(x), jax.jacfwd(lambda x: out(theirs)(x)[0])(x), rtol=1e-4, atol=1e-4)
 
 
 def test_nnx_forward_mode_matches_flax():
@@ -214,10 +219,10 @@ def test_nnx_forward_mode_matches_flax():
 
 def test_remat_and_jit_give_the_same_gradient():
   args, f, _ = _case("masked", dtype=np.float32)
-  loss = lambda g: (lambda *a: jnp.sum(jnp.tanh(g(*a))))
+  loss = lambda g: lambda *a: jnp.sum(jnp.tanh(g(*a)))
   plain = jax.grad(loss(f), (0, 1, 2))(*args)
   for wrapped in (jax.checkpoint(f), jax.jit(f), jax.remat(jax.jit(f))):
-    for a, b in zip(jax.jit(jax.grad(loss(wrapped), (0, 1, 2)))(*args), plain):
+    for a, b in zip(jax.jit(jax.grad(loss(wrapped), (0, 1, 2)))(*args), plain, strict=True):
       _close(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -231,16 +236,15 @@ def test_linen_scan_over_bn_layers_matches_flax():
       return jnp.tanh(self.norm(use_running_average=False)(h)), None
 
   def model(norm):
-    return nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0},
-                   split_rngs={"params": True}, length=3)(norm)
+    return nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True}, length=3)(norm)
 
   x = jax.random.normal(jax.random.key(0), (8, 4))
   variables = model(nn.BatchNorm).init(jax.random.key(1), x, None)
   outputs = []
   for norm in (jaxbn.BatchNorm, nn.BatchNorm):
-    f = lambda v: model(norm).apply(v, x, None, mutable=["batch_stats"])
+    f = lambda v, norm=norm: model(norm).apply(v, x, None, mutable=["batch_stats"])
     (y, _), upd = f(variables)
-    grads = jax.grad(lambda p: jnp.sum(f({**variables, "params": p})[0][0] ** 2))(variables["params"])
+    grads = jax.grad(lambda p, f=f: jnp.sum(f({**variables, "params": p})[0][0] ** 2))(variables["params"])
     outputs.append((y, upd, grads))
   (y, upd, grads), (y_f, upd_f, grads_f) = outputs
   _close(y, y_f, rtol=1e-5, atol=1e-5)
@@ -255,7 +259,7 @@ def test_eval_shape_and_export_roundtrip():
   assert shapes[1][0].shape == args[0].shape and shapes[1][0].dtype == jnp.float32
   exported = jax.export.export(step)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
   restored = jax.export.deserialize(exported.serialize())
-  for a, b in zip(jax.tree.leaves(restored.call(*args)), jax.tree.leaves(step(*args))):
+  for a, b in zip(jax.tree.leaves(restored.call(*args)), jax.tree.leaves(step(*args)), strict=True):
     _close(a, b, rtol=1e-6, atol=1e-6)
 
 

@@ -8,17 +8,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.reporting.results import Results, Run, commands, mean_spread, notes, table
+from experiments.reporting.results import Results, Run, commands, fixed, mean_spread, notes, table
 
 # (label, mode in the plan, metric, colour, line style)
 CURVES = (
-    ("per-device BN, running averages", "per-device BN", "test_accuracy", "tab:blue", "-"),
-    ("per-device BN, population statistics", "per-device BN", "test_accuracy_population", "tab:blue", "--"),
-    ("Batch Renorm (per-device)", "Batch Renorm (per-device)", "test_accuracy", "tab:green", "-"),
-    ("synced BN, running averages", "synced BN", "test_accuracy", "tab:red", "-"),
-    ("synced BN, population statistics", "synced BN", "test_accuracy_population", "tab:red", "--"),
-    ("one device, global batch", "one device, global batch", "test_accuracy", "tab:purple", ":"),
-    ("no BN", "no BN", "test_accuracy", "gray", "-"),
+  ("per-device BN, running averages", "per-device BN", "test_accuracy", "tab:blue", "-"),
+  ("per-device BN, population statistics", "per-device BN", "test_accuracy_population", "tab:blue", "--"),
+  ("Batch Renorm (per-device)", "Batch Renorm (per-device)", "test_accuracy", "tab:green", "-"),
+  ("synced BN, running averages", "synced BN", "test_accuracy", "tab:red", "-"),
+  ("synced BN, population statistics", "synced BN", "test_accuracy_population", "tab:red", "--"),
+  ("one device, global batch", "one device, global batch", "test_accuracy", "tab:purple", ":"),
+  ("no BN", "no BN", "test_accuracy", "gray", "-"),
 )
 STYLED_MODES = ("per-device BN", "synced BN", "Batch Renorm (per-device)", "no BN")
 STYLES = ("jit", "shard_map", "pmap")
@@ -41,8 +41,7 @@ def report(results: Results, out: Path, size: str) -> dict:
   index = {(r.labels["mode"], r.labels["style"], r.labels["per_device_batch"], r.labels["seed"]): r for r in runs}
 
   def finals(mode, metric, batch, style="jit"):
-    return [index[mode, style, batch, s].metrics[-1].get(metric) for s in seeds
-            if (mode, style, batch, s) in index]
+    return [index[mode, style, batch, s].metrics[-1].get(metric) for s in seeds if (mode, style, batch, s) in index]
 
   fig, (acc, time_ax) = plt.subplots(1, 2, figsize=(14, 5.2))
   headline = {}
@@ -53,23 +52,36 @@ def report(results: Results, out: Path, size: str) -> dict:
     mean = [np.mean(v) if v else math.nan for v in values]
     err = [(max(v) - min(v)) / 2 if v else 0 for v in values]
     acc.errorbar(batches, mean, yerr=err, color=color, ls=style, marker="o", capsize=3, label=label)
-    headline[label] = {str(b): v for b, v in zip(batches, values)}
+    headline[label] = {str(b): v for b, v in zip(batches, values, strict=True)}
   acc.set_xscale("log", base=2)
   acc.minorticks_off()
-  acc.set(xticks=batches, xticklabels=batches, xlabel="per-device batch (8 devices; global = 8×)",
-          ylabel="final test accuracy", title=f"Final accuracy, jit style; mean of seeds {seeds}, bars min–max")
+  acc.set(
+    xticks=batches,
+    xticklabels=batches,
+    xlabel="per-device batch (8 devices; global = 8×)",
+    ylabel="final test accuracy",
+    title=f"Final accuracy, jit style; mean of seeds {seeds}, bars min–max",
+  )
   acc.legend(loc="lower right", fontsize=8, framealpha=0.9)
-  markers = dict(zip(STYLES, ("o", "s", "^")))
+  markers = dict(zip(STYLES, ("o", "s", "^"), strict=True))
   for mode, color in (("per-device BN", "tab:blue"), ("synced BN", "tab:red")):
     for style in styles:
-      times = [step_ms(index[mode, style, b, seeds[0]]) if (mode, style, b, seeds[0]) in index else math.nan
-               for b in batches]
-      time_ax.plot(batches, times, color=color, marker=markers[style], ls="-" if style == "jit" else ":",
-                   label=f"{mode}, {style}")
+      times = [
+        step_ms(index[mode, style, b, seeds[0]]) if (mode, style, b, seeds[0]) in index else math.nan for b in batches
+      ]
+      time_ax.plot(
+        batches, times, color=color, marker=markers[style], ls="-" if style == "jit" else ":", label=f"{mode}, {style}"
+      )
   time_ax.set_xscale("log", base=2)
   time_ax.minorticks_off()
-  time_ax.set(xticks=batches, xticklabels=batches, xlabel="per-device batch (8 devices)", ylim=(0, None),
-              ylabel="ms per training step", title="Training-chunk time per step (8 host devices, 2 CPU cores)")
+  time_ax.set(
+    xticks=batches,
+    xticklabels=batches,
+    xlabel="per-device batch (8 devices)",
+    ylim=(0, None),
+    ylabel="ms per training step",
+    title="Training-chunk time per step (8 host devices, 2 CPU cores)",
+  )
   time_ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
   fig.tight_layout()
   fig.savefig(out / "e3.png", dpi=100)
@@ -77,23 +89,26 @@ def report(results: Results, out: Path, size: str) -> dict:
 
   text = results.header("E3 — per-device vs synced BN on 8 devices, every parallel style", "e3")
   first = runs[0]
-  text += (f"The E1 MLP with BN (sigmoid, plain SGD, lr {first.config['lr']}), {first.steps[-1]:,} steps, "
-           f"8 CPU host devices, seeds {seeds}. Per-device BN normalizes each device's batch alone and pools "
-           "the running statistics over devices (`jaxbn.sync_batch_stats`) before each evaluation; synced "
-           "BN normalizes with the whole global batch; 'one device, global batch' is the synced run's "
-           "single-device oracle. Batch Renorm (`--bn renorm`) normalizes per device and corrects toward the "
-           "pooled running statistics (r_max 1→3, d_max 0→5 from 10% to 60% of the steps). 'Population "
-           "statistics': the same weights evaluated with Algorithm 2's statistics (`jaxbn.population_stats`, "
-           f"`--population-batches {first.config.get('population_batches') or 0}`: that many training batches "
-           "of the size BN normalized over in training: one device's batch for per-device BN, the global "
-           "batch for synced BN) instead of the running averages.\n\n")
+  text += (
+    f"The E1 MLP with BN (sigmoid, plain SGD, lr {first.config['lr']}), {first.steps[-1]:,} steps, "
+    f"8 CPU host devices, seeds {seeds}. Per-device BN normalizes each device's batch alone and pools "
+    "the running statistics over devices (`jaxbn.sync_batch_stats`) before each evaluation; synced "
+    "BN normalizes with the whole global batch; 'one device, global batch' is the synced run's "
+    "single-device oracle. Batch Renorm (`--bn renorm`) normalizes per device and corrects toward the "
+    "pooled running statistics (r_max 1→3, d_max 0→5 from 10% to 60% of the steps). 'Population "
+    "statistics': the same weights evaluated with Algorithm 2's statistics (`jaxbn.population_stats`, "
+    f"`--population-batches {first.config.get('population_batches') or 0}`: that many training batches "
+    "of the size BN normalized over in training: one device's batch for per-device BN, the global "
+    "batch for synced BN) instead of the running averages.\n\n"
+  )
   text += "![E3](e3.png)\n\n## Final test accuracy, jit style (mean ± half the range over seeds)\n\n"
   shown = [c for c in CURVES if c[0] in headline]
-  text += table(["per-device batch", "global batch", *[c[0] for c in shown]],
-                [[b, 8 * b, *[mean_spread(finals(mode, metric, b)) for _, mode, metric, _, _ in shown]]
-                 for b in batches])
+  text += table(
+    ["per-device batch", "global batch", *[c[0] for c in shown]],
+    [[b, 8 * b, *[mean_spread(finals(mode, metric, b)) for _, mode, metric, _, _ in shown]] for b in batches],
+  )
   if len(styles) > 1:
-    text += (f"\n## The parallel styles (seed {seeds[0]}): final test accuracy in jit / shard_map / pmap\n\n")
+    text += f"\n## The parallel styles (seed {seeds[0]}): final test accuracy in jit / shard_map / pmap\n\n"
     rows, worst = [], 0.0
     for mode in STYLED_MODES:
       for b in batches:
@@ -101,21 +116,35 @@ def report(results: Results, out: Path, size: str) -> dict:
         if len(values) < 2:
           continue
         worst = max(worst, max(values) - min(values))
-        rows.append([mode, b, " / ".join(f"{v:.4f}" for v in values), f"{max(values) - min(values):.4f}"])
+        rows.append([mode, b, " / ".join(fixed(v, 4) for v in values), fixed(max(values) - min(values), 4)])
     by_seed = [finals(mode, "test_accuracy", b) for mode in STYLED_MODES for b in batches]
     seed_gap = [max(v) - min(v) for v in by_seed if len(v) > 1]  # two seeds: their difference
     text += table(["mode", "per-device batch", " / ".join(styles), "max − min"], rows)
-    text += (f"\nLargest difference between styles: {worst:.4f}; between two seeds of the same run (jit): "
-             f"median {np.median(seed_gap):.4f}, largest {max(seed_gap):.4f}.\n" if seed_gap else "")
+    text += (
+      f"\nLargest difference between styles: {fixed(worst, 4)}; between two seeds of the same run (jit): "
+      f"median {fixed(np.median(seed_gap), 4)}, largest {fixed(max(seed_gap), 4)}.\n"
+      if seed_gap
+      else ""
+    )
     headline["styles_max_difference"] = worst
     text += "\n## Step time (ms per training step; training chunk only, median over evaluations after the first)\n\n"
-    text += ("The 8 devices are host devices sharing 2 CPU cores: these times measure dispatch and "
-             "collective overhead on a CPU, not what a GPU or TPU pod would show.\n\n")
+    text += (
+      "The 8 devices are host devices sharing 2 CPU cores: these times measure dispatch and "
+      "collective overhead on a CPU, not what a GPU or TPU pod would show.\n\n"
+    )
     time_rows = []
     for mode in STYLED_MODES:
       for style in styles:
-        time_rows.append([mode, style, *[f"{step_ms(index[mode, style, b, seeds[0]]):.2f}"
-                                         if (mode, style, b, seeds[0]) in index else "" for b in batches]])
+        time_rows.append(
+          [
+            mode,
+            style,
+            *[
+              fixed(step_ms(index[mode, style, b, seeds[0]]), 2) if (mode, style, b, seeds[0]) in index else ""
+              for b in batches
+            ],
+          ]
+        )
     text += table(["mode", "style", *[f"batch {b}" for b in batches]], time_rows)
   text += "\n" + notes(size, "e3") + commands(runs)
   (out / "e3.md").write_text(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,9 @@ class Results:
   def __init__(self, root: Path):
     self.root = root
     if not (root / "data").is_dir():
-      raise FileNotFoundError(f"{root / 'data'}: no metrics; run experiments/run.py first "
-                              f"(`make train` or `make reproduce`)")
+      raise FileNotFoundError(
+        f"{root / 'data'}: no metrics; run experiments/run.py first (`make train` or `make reproduce`)"
+      )
 
   def _meta(self, experiment: str) -> dict:
     path = self.root / "data" / experiment / "runs.json"
@@ -62,24 +64,29 @@ class Results:
     return out
 
   def wall_time(self, *experiments) -> float:
-    return sum(r.info.get("wall_time_s", 0.0) for e in experiments for r in self.runs(e))
+    return math.fsum(r.info.get("wall_time_s", 0.0) for e in experiments for r in self.runs(e))
 
   def describe(self, *experiments) -> dict:
     runs = [r for e in experiments for r in self.runs(e)]
     metas = [self._meta(e) for e in experiments]
-    return {"size": next((m["size"] for m in metas if "size" in m), "?"),
-            "machine": next((m["machine"] for m in metas if "machine" in m), "?"),
-            "commits": sorted({r.info.get("commit", "?") for r in runs}), "runs": len(runs),
-            "wall_time_min": self.wall_time(*experiments) / 60}
+    return {
+      "size": next((m["size"] for m in metas if "size" in m), "?"),
+      "machine": next((m["machine"] for m in metas if "machine" in m), "?"),
+      "commits": sorted({r.info.get("commit", "?") for r in runs}),
+      "runs": len(runs),
+      "wall_time_min": self.wall_time(*experiments) / 60,
+    }
 
   def header(self, title: str, *experiments) -> str:
     d = self.describe(*experiments)
-    return (f"# {title}\n\n"
-            f"- size: `{d['size']}` (`make {'reproduce' if d['size'] == 'full' else 'train'}`)\n"
-            f"- commit(s) the runs ran at: {', '.join(f'`{c}`' for c in d['commits'])}; "
-            f"machine: {d['machine']}\n"
-            f"- wall time: {d['wall_time_min']:.1f} min for {d['runs']} runs "
-            f"(each run's command at the end; run by `experiments/run.py`)\n\n")
+    return (
+      f"# {title}\n\n"
+      f"- size: `{d['size']}` (`make {'reproduce' if d['size'] == 'full' else 'train'}`)\n"
+      f"- commit(s) the runs ran at: {', '.join(f'`{c}`' for c in d['commits'])}; "
+      f"machine: {d['machine']}\n"
+      f"- wall time: {fixed(d['wall_time_min'], 1)} min for {d['runs']} runs "
+      f"(each run's command at the end; run by `experiments/run.py`)\n\n"
+    )
 
 
 def notes(size: str, experiment: str) -> str:
@@ -97,24 +104,39 @@ def table(header, rows) -> str:
   return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
+def fixed(value: float, digits: int) -> str:
+  """`value` with `digits` decimals, the same text on every Python and NumPy.
+
+  Sums and means can differ in their last bits between versions (Python 3.12's
+  `sum` of floats is compensated, NumPy's pairwise sums vary with SIMD), which
+  flips a value sitting on a rounding boundary (30.35 -> 30.3 or 30.4). So the
+  value is first cut to 12 significant digits, a float all versions agree on.
+  """
+  return f"{float(f'{value:.12g}'):.{digits}f}"
+
+
+def percent(share: float) -> str:
+  return fixed(100 * share, 0) + "%"
+
+
 def mean_spread(values, digits: int = 4) -> str:
   """'mean ± half the range' over seeds (one value: itself)."""
   values = np.asarray([v for v in values if v is not None], float)
   if len(values) == 0:
     return "–"
   if len(values) == 1:
-    return f"{values[0]:.{digits}f}"
-  return f"{values.mean():.{digits}f} ± {(values.max() - values.min()) / 2:.{digits}f}"
+    return fixed(values[0], digits)
+  return f"{fixed(values.mean(), digits)} ± {fixed((values.max() - values.min()) / 2, digits)}"
 
 
 def value_range(values, digits: int = 1, suffix: str = "") -> str:
   """'lo–hi' of the values (None: 'never')."""
   if any(v is None for v in values):
     known = [v for v in values if v is not None]
-    return ("never" if not known else f"{value_range(known, digits, suffix)}, never ×{len(values) - len(known)}")
+    return "never" if not known else f"{value_range(known, digits, suffix)}, never ×{len(values) - len(known)}"
   lo, hi = min(values), max(values)
-  return f"{lo:.{digits}f}{suffix}" if round(lo, digits) == round(hi, digits) else \
-      f"{lo:.{digits}f}–{hi:.{digits}f}{suffix}"
+  lo, hi = fixed(lo, digits), fixed(hi, digits)
+  return f"{lo}{suffix}" if lo == hi else f"{lo}–{hi}{suffix}"
 
 
 def verdict(flags) -> str:

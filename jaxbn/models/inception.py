@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,9 @@ class ConvUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.strides,
-                padding="SAME", use_bias=self.norm is None)(x)
+    x = nn.Conv(
+      self.features, (self.kernel, self.kernel), strides=self.strides, padding="SAME", use_bias=self.norm is None
+    )(x)
     if self.norm is not None:
       x = self.norm(use_running_average=not train)(x)
     return self.activation(x)
@@ -69,13 +70,20 @@ class InceptionNet(nn.Module):
       x = x[..., None]
     w = self.width
     module = lambda scale: InceptionModule(
-        2 * scale * w // 2, scale * w // 2, scale * w, scale * w // 4, scale * w // 2, scale * w // 2,
-        self.norm, self.activation)
-    x = ConvUnit(2 * w, 3, self.norm, self.activation)(x, train)        # 28x28
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))                           # 14x14
+      2 * scale * w // 2,
+      scale * w // 2,
+      scale * w,
+      scale * w // 4,
+      scale * w // 2,
+      scale * w // 2,
+      self.norm,
+      self.activation,
+    )
+    x = ConvUnit(2 * w, 3, self.norm, self.activation)(x, train)  # 28x28
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))  # 14x14
     x = module(2)(x, train)
     x = module(2)(x, train)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))                           # 7x7
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))  # 7x7
     x = module(4)(x, train)
     x = module(4)(x, train)
     x = x.mean(axis=(1, 2))

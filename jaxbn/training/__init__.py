@@ -17,6 +17,19 @@ from jaxbn.training.parallel import Parallel
 from jaxbn.training.state import AXIS, TrainState, create_train_state, make_model, make_optimizer
 from jaxbn.training.steps import eval_step, train_chunk, train_step
 
-__all__ = ["AXIS", "BN_MODES", "PARALLEL_STYLES", "Config", "Parallel", "TrainState", "create_train_state",
-           "eval_step", "make_model", "make_optimizer", "setup_devices", "train_and_evaluate",
-           "train_chunk", "train_step"]
+__all__ = [
+  "AXIS",
+  "BN_MODES",
+  "PARALLEL_STYLES",
+  "Config",
+  "Parallel",
+  "TrainState",
+  "create_train_state",
+  "eval_step",
+  "make_model",
+  "make_optimizer",
+  "setup_devices",
+  "train_and_evaluate",
+  "train_chunk",
+  "train_step",
+]

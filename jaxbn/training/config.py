@@ -23,36 +23,43 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class Config:
   """Everything a run depends on; written to OUT/config.json."""
+
   dataset: str = "fashion_mnist"
   idx_dir: str | None = None
   data_dir: str | None = "data"
-  model: str = "mlp"                  # mlp | inception
-  bn: str = "none"                    # none | per-device | sync | renorm
-  parallel: str = "jit"               # jit | shard_map | pmap: how the step spans the devices
-  devices: int | None = None          # None: every device
-  batch_size: int = 60                # per device
+  model: str = "mlp"  # mlp | inception
+  bn: str = "none"  # none | per-device | sync | renorm
+  parallel: str = "jit"  # jit | shard_map | pmap: how the step spans the devices
+  devices: int | None = None  # None: every device
+  batch_size: int = 60  # per device
   steps: int = 50_000
-  optimizer: str = "sgd"              # sgd | momentum | adam
+  optimizer: str = "sgd"  # sgd | momentum | adam
   lr: float = 0.5
-  lr_decay_steps: int = 0             # 0: constant learning rate
-  lr_decay_rate: float = 1.0          # lr *= rate every lr_decay_steps (staircase)
+  lr_decay_steps: int = 0  # 0: constant learning rate
+  lr_decay_rate: float = 1.0  # lr *= rate every lr_decay_steps (staircase)
   weight_decay: float = 0.0
-  activation: str | None = None       # sigmoid | relu; None: the model's default
+  activation: str | None = None  # sigmoid | relu; None: the model's default
   dropout: float = 0.0
-  init_std: float = 0.1               # MLP weights ~ N(0, init_std²)
-  width: int = 4                      # InceptionNet channel multiplier
+  init_std: float = 0.1  # MLP weights ~ N(0, init_std²)
+  width: int = 4  # InceptionNet channel multiplier
   bn_momentum: float = 0.99
   eval_every: int = 1000
-  population_batches: int = 0         # >0: also evaluate with Algorithm 2's statistics over this many batches
+  population_batches: int = 0  # >0: also evaluate with Algorithm 2's statistics over this many batches
   checkpoint_every: int | None = None  # None: every 10,000 steps, rounded up to a multiple of eval_every
   seed: int = 0
   out: str = "runs/default"
   resume: bool = False
-  progress: bool | None = None        # None: only on a terminal
+  progress: bool | None = None  # None: only on a terminal
 
   def __post_init__(self):
-    choices = dict(dataset=DATASETS, model=("mlp", "inception"), bn=BN_MODES, parallel=PARALLEL_STYLES,
-                   optimizer=("sgd", "momentum", "adam"), activation=(None, "sigmoid", "relu"))
+    choices = dict(
+      dataset=DATASETS,
+      model=("mlp", "inception"),
+      bn=BN_MODES,
+      parallel=PARALLEL_STYLES,
+      optimizer=("sgd", "momentum", "adam"),
+      activation=(None, "sigmoid", "relu"),
+    )
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         _fail(name, f"expected one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
@@ -80,13 +87,17 @@ class Config:
     if self.checkpoint_every is None:
       self.checkpoint_every = -(-CHECKPOINT_STEPS // self.eval_every) * self.eval_every
     if self.checkpoint_every < 1 or self.checkpoint_every % self.eval_every:
-      _fail("checkpoint_every", f"expected a positive multiple of --eval-every ({self.eval_every}), "
-                                f"got {self.checkpoint_every}")
+      _fail(
+        "checkpoint_every",
+        f"expected a positive multiple of --eval-every ({self.eval_every}), got {self.checkpoint_every}",
+      )
     if self.devices is not None and self.batch_size * self.devices > TRAIN_EXAMPLES:
-      _fail("batch_size", f"{self.batch_size} per device x {self.devices} devices exceeds the "
-                          f"{TRAIN_EXAMPLES} training examples")
+      _fail(
+        "batch_size",
+        f"{self.batch_size} per device x {self.devices} devices exceeds the {TRAIN_EXAMPLES} training examples",
+      )
 
-  def differences(self, other: "Config") -> list[str]:
+  def differences(self, other: Config) -> list[str]:
     """The flags (as --name value) of `self` that differ from `other`'s, but
     those a resumed run may change."""
     diffs = []

@@ -27,8 +27,9 @@ PERCENTILES = (15, 50, 85)
 EVAL_CHUNK = 500  # test examples per device per evaluation step
 
 
-def setup_devices(config: Config, coordinator=None, num_processes=None, process_id=None,
-                  auto_detect=False, timeout: int = 120):
+def setup_devices(
+  config: Config, coordinator=None, num_processes=None, process_id=None, auto_detect=False, timeout: int = 120
+):
   """Starts JAX (several processes if asked) and returns this process's devices to use.
 
   Several processes: pass the coordinator, or `auto_detect` to let JAX find
@@ -46,17 +47,24 @@ def setup_devices(config: Config, coordinator=None, num_processes=None, process_
     # do not all arrive in time: say beforehand what it waits for, and keep
     # the abort's stack trace out of the way.
     log = Path(tempfile.gettempdir()) / f"jaxbn-distributed-{os.getpid()}.log"
-    print(f"process {process_id}: waiting up to {timeout} s (--connect-timeout) for "
-          f"{num_processes or 'all'} processes at {address}; JAX's own messages: {log}",
-          file=sys.stderr, flush=True)
+    print(
+      f"process {process_id}: waiting up to {timeout} s (--connect-timeout) for "
+      f"{num_processes or 'all'} processes at {address}; JAX's own messages: {log}",
+      file=sys.stderr,
+      flush=True,
+    )
     with _stderr_to(log):
-      jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                 process_id=process_id, initialization_timeout=timeout)
+      jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout,
+      )
   devices = jax.local_devices()
   if config.devices:
     if len(devices) < config.devices:
       raise ValueError(f"devices: asked for {config.devices}, this process has {len(devices)}.")
-    devices = devices[:config.devices]
+    devices = devices[: config.devices]
   return devices
 
 
@@ -71,8 +79,9 @@ def _wait_for(address: str, timeout: int, process_id) -> None:
     except OSError:
       if time.time() > deadline:
         raise ConnectionError(
-            f"process {process_id}: no coordinator at {address} within {timeout} s; start process 0 "
-            f"with the same --coordinator, or raise --connect-timeout.") from None
+          f"process {process_id}: no coordinator at {address} within {timeout} s; start process 0 "
+          f"with the same --coordinator, or raise --connect-timeout."
+        ) from None
       time.sleep(0.5)
 
 
@@ -108,7 +117,7 @@ def population_batches(config: Config, images, num_devices: int):
   the training set (the same one at every evaluation)."""
   size = statistics_batch(config, num_devices)
   count = min(config.population_batches, images.shape[0] // size)
-  order = np.random.default_rng(config.seed).permutation(images.shape[0])[:count * size]
+  order = np.random.default_rng(config.seed).permutation(images.shape[0])[: count * size]
   return np.asarray(steps.preprocess(images[order])).reshape(count, size, *images.shape[1:])
 
 
@@ -152,8 +161,9 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   state = create_train_state(config, dataset.train_images.shape[1:])
 
   checkpoints = ocp.CheckpointManager(
-      (out / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+    (out / "checkpoints").absolute(),
+    options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+  )
   resume_step = None
   if config.resume and checkpoints.latest_step() is not None:
     resume_step = checkpoints.latest_step()
@@ -179,8 +189,15 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   bar = tqdm(total=config.steps, initial=step, disable=not show or not primary)
   while step < config.steps:
     num_steps = min(config.eval_every - step % config.eval_every, config.steps - step)
-    chunk = parallel.train_chunk(state, num_steps, model=model, optimizer=optimizer, seed=config.seed,
-                                 global_batch=global_batch, renorm_schedule=renorm_schedule)
+    chunk = parallel.train_chunk(
+      state,
+      num_steps,
+      model=model,
+      optimizer=optimizer,
+      seed=config.seed,
+      global_batch=global_batch,
+      renorm_schedule=renorm_schedule,
+    )
     t0 = time.time()
     state, train_loss = chunk(state, train_images, train_labels)
     train_loss = float(np.asarray(train_loss.addressable_shards[0].data).reshape(-1)[0])  # waits
@@ -188,18 +205,24 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     step += num_steps
     state = parallel.synchronize(state)
     sums, tracked = parallel.evaluate(state, *test, model=eval_model, chunk=EVAL_CHUNK)
-    record = {"step": step, "train_loss": train_loss, "test_loss": sums["loss"] / sums["count"],
-              "test_accuracy": sums["correct"] / sums["count"],
-              "wall_time": time.time() - start_time,
-              "steps_per_sec": steps_per_sec}
+    record = {
+      "step": step,
+      "train_loss": train_loss,
+      "test_loss": sums["loss"] / sums["count"],
+      "test_accuracy": sums["correct"] / sums["count"],
+      "wall_time": time.time() - start_time,
+      "steps_per_sec": steps_per_sec,
+    }
     if population is not None:
       pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population)
       pop_sums, _ = parallel.evaluate(parallel.put_state(pop_state), *test, model=eval_model, chunk=EVAL_CHUNK)
-      record.update(test_loss_population=pop_sums["loss"] / pop_sums["count"],
-                    test_accuracy_population=pop_sums["correct"] / pop_sums["count"])
+      record.update(
+        test_loss_population=pop_sums["loss"] / pop_sums["count"],
+        test_accuracy_population=pop_sums["correct"] / pop_sums["count"],
+      )
     if config.model == "mlp":
       values = tracked[valid]
-      record.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))})
+      record.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True)})
     metrics.write(record)
     bar.update(num_steps)
     bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{train_loss:.4f}")
@@ -207,9 +230,10 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
       bar.close()
       kept = checkpoints.latest_step()
       raise NonFiniteLossError(
-          f"step {step}: the training loss is {train_loss}; the run stopped "
-          f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
-          f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std.")
+        f"step {step}: the training loss is {train_loss}; the run stopped "
+        f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
+        f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std."
+      )
     if step % config.checkpoint_every == 0 or step == config.steps:
       try:
         checkpoints.save(step, args=ocp.args.StandardSave(parallel.portable_state(state)))
@@ -218,10 +242,11 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         kept = checkpoints.latest_step()
         raise CheckpointError(
-            f"step {step}: the checkpoint could not be saved under {out / 'checkpoints'} "
-            f"({type(error).__name__}: {reason}); "
-            f"{'the checkpoint of step ' + str(kept) + ' is kept' if kept else 'no earlier checkpoint exists'}."
-            f" Free space or fix permissions, then run again with --resume.") from error
+          f"step {step}: the checkpoint could not be saved under {out / 'checkpoints'} "
+          f"({type(error).__name__}: {reason}); "
+          f"{'the checkpoint of step ' + str(kept) + ' is kept' if kept else 'no earlier checkpoint exists'}."
+          f" Free space or fix permissions, then run again with --resume."
+        ) from error
     last = record
   bar.close()
   checkpoints.wait_until_finished()

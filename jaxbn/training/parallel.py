@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from jaxbn.training import steps
@@ -60,13 +61,13 @@ class Parallel:
     def put(a):
       a = np.asarray(a)
       return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
     return jax.tree.map(put, tree)
 
   def replicate(self, tree):
     """The same value on every device (pmap: stacked on a leading axis)."""
     if self.style == "pmap":
-      return self._put(jax.tree.map(lambda a: np.broadcast_to(a, (self.num_devices, *np.shape(a))), tree),
-                       P(AXIS))
+      return self._put(jax.tree.map(lambda a: np.broadcast_to(a, (self.num_devices, *np.shape(a))), tree), P(AXIS))
     return self._put(tree, P())
 
   def shard(self, tree):
@@ -78,9 +79,11 @@ class Parallel:
 
   def _state_specs(self, state):
     return state.replace(
-        step=P(), params=jax.tree.map(lambda _: P(), state.params),
-        opt_state=jax.tree.map(lambda _: P(), state.opt_state),
-        batch_stats=jax.tree.map(lambda _: self._stats_spec(), state.batch_stats))
+      step=P(),
+      params=jax.tree.map(lambda _: P(), state.params),
+      opt_state=jax.tree.map(lambda _: P(), state.opt_state),
+      batch_stats=jax.tree.map(lambda _: self._stats_spec(), state.batch_stats),
+    )
 
   def put_state(self, state: TrainState) -> TrainState:
     """The portable state, placed for this style."""
@@ -89,11 +92,8 @@ class Parallel:
     if self.per_device_bn:
       stats = jax.tree.map(np.asarray, _widen_rows(stats, self.num_devices))
     rest = state.replace(batch_stats={})
-    if self.style == "pmap":
-      if self.per_device_bn:  # each device sees its own row: shape (1, features)
-        stats = self.shard(jax.tree.map(lambda a: a[:, None], stats))
-      else:
-        stats = self.replicate(stats)
+    if self.style == "pmap":  # per-device BN: each device sees its own row, shape (1, features)
+      stats = self.shard(jax.tree.map(lambda a: a[:, None], stats)) if self.per_device_bn else self.replicate(stats)
     else:
       stats = self._put(stats, self._stats_spec())
     return self.replicate(rest).replace(batch_stats=stats)
@@ -130,6 +130,7 @@ class Parallel:
     def run(*args):
       with jax.set_mesh(self.mesh):
         return jitted(*args)
+
     return run
 
   def train_chunk(self, state, num_steps: int, **kwargs):
@@ -137,9 +138,14 @@ class Parallel:
     key = ("chunk", num_steps)
     if key not in self._jitted:
       specs = self._state_specs(state) if self.style == "shard_map" else None
-      fn = functools.partial(steps.train_chunk, num_steps=num_steps, num_devices=self.num_devices,
-                             local=self.local, **kwargs,
-                             batch_sharding=None if self.local else P(AXIS))
+      fn = functools.partial(
+        steps.train_chunk,
+        num_steps=num_steps,
+        num_devices=self.num_devices,
+        local=self.local,
+        **kwargs,
+        batch_sharding=None if self.local else P(AXIS),
+      )
       self._jitted[key] = self._wrap(fn, (specs, P(), P()), (specs, P()), donate=(0,))
     return self._jitted[key]
 
@@ -150,26 +156,36 @@ class Parallel:
     set of running statistics, the pooled one (call after `synchronize`).
     """
     if "eval" not in self._jitted:
+
       def pooled(s):
         if not self.per_device_bn:
           return s
         rows = (lambda a: a[0]) if self.local else (lambda a: a)  # local: this device's row
-        return s.replace(batch_stats=_pool_rows(jax.tree.map(rows, s.batch_stats)) if not self.local
-                         else jax.tree.map(rows, s.batch_stats))
+        return s.replace(
+          batch_stats=_pool_rows(jax.tree.map(rows, s.batch_stats))
+          if not self.local
+          else jax.tree.map(rows, s.batch_stats)
+        )
+
       if self.local:
+
         def fn(s, *data):
           if self.style == "shard_map":  # this device's (1, per_device, ...) share
             data = tuple(d[0] for d in data)
           sums, tracked = steps.eval_step(pooled(s), *data, model=model, chunk=chunk, local=True)
           return sums, (tracked[None] if self.style == "shard_map" else tracked)
+
         specs = self._state_specs(state) if self.style == "shard_map" else None
         self._jitted["eval"] = self._wrap(fn, (specs, P(AXIS), P(AXIS), P(AXIS)), (P(), P(AXIS)))
       else:  # under jit: every device's share at once, then the sums
+
         def fn(s, *data):
-          per_device = jax.vmap(functools.partial(steps.eval_step, model=model, chunk=chunk, local=False),
-                                in_axes=(None, 0, 0, 0))
+          per_device = jax.vmap(
+            functools.partial(steps.eval_step, model=model, chunk=chunk, local=False), in_axes=(None, 0, 0, 0)
+          )
           sums, tracked = per_device(pooled(s), *data)
           return jax.tree.map(lambda a: a.sum(0), sums), tracked
+
         self._jitted["eval"] = self._wrap(fn, None, None)
     sums, tracked = self._jitted["eval"](state, images, labels, valid)
     read = _host_first if self.style == "pmap" else _host
@@ -183,12 +199,16 @@ class Parallel:
     if self.style == "pmap":
       if "sync" not in self._jitted:
         self._jitted["sync"] = jax.pmap(
-            lambda s: s.replace(batch_stats=jaxbn.sync_batch_stats(s.batch_stats, AXIS)),
-            axis_name=AXIS, devices=self.devices if jax.process_count() == 1 else None)
+          lambda s: s.replace(batch_stats=jaxbn.sync_batch_stats(s.batch_stats, AXIS)),
+          axis_name=AXIS,
+          devices=self.devices if jax.process_count() == 1 else None,
+        )
       return self._jitted["sync"](state)
+
     def pooled(s):  # rows := the pooled set, still one row per device
       rows = _widen_rows(_pool_rows(s.batch_stats), self.num_devices)
       return s.replace(batch_stats=jax.tree.map(lambda a: jax.sharding.reshard(a, P(AXIS)), rows))
+
     return self._call("sync", pooled, state)
 
 

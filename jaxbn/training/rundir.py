@@ -16,8 +16,11 @@ class RunDirError(ValueError):
 
 
 def holds_run(out: Path) -> bool:
-  return (out / "config.json").exists() or (out / "metrics.jsonl").exists() or (
-      (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()))
+  return (
+    (out / "config.json").exists()
+    or (out / "metrics.jsonl").exists()
+    or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()))
+  )
 
 
 def move_aside(out: Path) -> Path:
@@ -34,17 +37,19 @@ def check(config: Config) -> None:
     return
   if not config.resume:
     raise RunDirError(
-        f"--out: {out} already holds a run; continue it with --resume, or start a new one "
-        f"there with --overwrite (the old run is kept, renamed to {out.name}.old-<date>-<time>).")
+      f"--out: {out} already holds a run; continue it with --resume, or start a new one "
+      f"there with --overwrite (the old run is kept, renamed to {out.name}.old-<date>-<time>)."
+    )
   saved_path = out / "config.json"
   if not saved_path.exists():
-    raise RunDirError(f"--resume: {out} holds no config.json, so its configuration is unknown; "
-                      f"use another --out.")
+    raise RunDirError(f"--resume: {out} holds no config.json, so its configuration is unknown; use another --out.")
   saved = Config(**json.loads(saved_path.read_text()))
   diffs = config.differences(saved)
   if diffs:
-    raise RunDirError(f"--resume: the configuration differs from the run in {out}: {'; '.join(diffs)}. "
-                      f"Only --steps may change on resume; use another --out for a new run.")
+    raise RunDirError(
+      f"--resume: the configuration differs from the run in {out}: {'; '.join(diffs)}. "
+      f"Only --steps may change on resume; use another --out for a new run."
+    )
 
 
 def write_config(config: Config) -> None:
@@ -59,8 +64,9 @@ class Metrics:
     self.path, self.enabled = path, enabled
     self.kept = []
     if resume_step is not None and path.exists():
-      self.kept = [json.loads(line) for line in path.read_text().splitlines()
-                   if line and json.loads(line)["step"] <= resume_step]
+      self.kept = [
+        json.loads(line) for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+      ]
     if enabled:
       path.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
 

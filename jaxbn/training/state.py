@@ -58,8 +58,7 @@ def make_model(config: Config, num_devices: int | None = None) -> nn.Module:
   activation = {"sigmoid": nn.sigmoid, "relu": nn.relu, None: None}[config.activation]
   if config.model == "mlp":
     return MLP(norm=norm, init_std=config.init_std, activation=activation or nn.sigmoid)
-  return InceptionNet(norm=norm, dropout=config.dropout, width=config.width,
-                      activation=activation or nn.relu)
+  return InceptionNet(norm=norm, dropout=config.dropout, width=config.width, activation=activation or nn.relu)
 
 
 def make_renorm_schedule(config: Config):
@@ -75,12 +74,14 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
   lr = config.lr
   if config.lr_decay_steps:
     lr = optax.exponential_decay(config.lr, config.lr_decay_steps, config.lr_decay_rate, staircase=True)
-  update = {"sgd": lambda: optax.sgd(lr), "momentum": lambda: optax.sgd(lr, momentum=0.9),
-            "adam": lambda: optax.adam(lr)}[config.optimizer]()
+  update = {
+    "sgd": lambda: optax.sgd(lr),
+    "momentum": lambda: optax.sgd(lr, momentum=0.9),
+    "adam": lambda: optax.adam(lr),
+  }[config.optimizer]()
   if not config.weight_decay:
     return update
-  kernels = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: path[-1].key == "kernel", params)
+  kernels = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
   return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels), update)
 
 
@@ -91,6 +92,9 @@ def create_train_state(config: Config, image_shape, model: nn.Module | None = No
   model = make_model(config) if model is None else model
   variables = model.init({"params": key, "dropout": key}, jnp.zeros((2, *image_shape)), train=False)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=make_optimizer(config).init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=make_optimizer(config).init(params),
+  )

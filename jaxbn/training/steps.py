@@ -29,35 +29,42 @@ def _varying(tree):
   """Marks replicated values as per-device (shard_map), so that the gradient
   of this device's loss is this device's and `pmean` averages it, as under
   pmap (where every value already is per-device)."""
+
   def vary(value):
     if AXIS in getattr(jax.typeof(value), "vma", frozenset()):
       return value
     return lax.pcast(value, AXIS, to="varying")
+
   return jax.tree.map(vary, tree)
 
 
 def _with_renorm_limits(limits):
   """Passes this step's (r_max, d_max) to every BatchRenorm layer of a model."""
+
   def intercept(next_fun, args, kwargs, context):
     if isinstance(context.module, jaxbn.BatchRenorm) and context.method_name == "__call__":
       kwargs = {**kwargs, "r_max": limits[0], "d_max": limits[1]}
     return next_fun(*args, **kwargs)
+
   return nn.intercept_methods(intercept)
 
 
-def train_step(state: TrainState, images, labels, model, optimizer, dropout_key, local: bool,
-               renorm_schedule=None):
+def train_step(state: TrainState, images, labels, model, optimizer, dropout_key, local: bool, renorm_schedule=None):
   """One optimizer step on the batch (this device's share when `local`).
 
   `renorm_schedule`: step -> (r_max, d_max) for the model's BatchRenorm layers.
   """
+
   def loss_fn(params):
-    limits = contextlib.nullcontext() if renorm_schedule is None else \
-        _with_renorm_limits(renorm_schedule(state.step))
+    limits = contextlib.nullcontext() if renorm_schedule is None else _with_renorm_limits(renorm_schedule(state.step))
     with limits:
       (logits, _), updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, preprocess(images), train=True,
-          mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        {"params": params, "batch_stats": state.batch_stats},
+        preprocess(images),
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_key},
+      )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, updates.get("batch_stats", {})
 
@@ -68,8 +75,7 @@ def train_step(state: TrainState, images, labels, model, optimizer, dropout_key,
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state)
+  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return state, (lax.pmean(loss, AXIS) if local else loss)
 
 
@@ -77,8 +83,21 @@ def _epoch_permutation(key, epoch, n):
   return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
-def train_chunk(state, images, labels, *, num_steps, model, optimizer, seed, global_batch,
-                num_devices, local, batch_sharding=None, renorm_schedule=None):
+def train_chunk(
+  state,
+  images,
+  labels,
+  *,
+  num_steps,
+  model,
+  optimizer,
+  seed,
+  global_batch,
+  num_devices,
+  local,
+  batch_sharding=None,
+  renorm_schedule=None,
+):
   """`num_steps` steps in one dispatch, drawing batches on device.
 
   Epoch e visits the training set in the order of a permutation seeded by
@@ -96,8 +115,7 @@ def train_chunk(state, images, labels, *, num_steps, model, optimizer, seed, glo
     state, epoch, perm = carry
     step = state.step
     step_epoch = step // per_epoch
-    perm = lax.cond(step_epoch == epoch, lambda: perm,
-                    lambda: _epoch_permutation(data_key, step_epoch, n))
+    perm = lax.cond(step_epoch == epoch, lambda: perm, lambda: _epoch_permutation(data_key, step_epoch, n))
     start = (step % per_epoch) * global_batch
     dropout_key = jax.random.fold_in(dropout_root, step)
     if local:
@@ -111,8 +129,7 @@ def train_chunk(state, images, labels, *, num_steps, model, optimizer, seed, glo
       if batch_sharding is not None:
         batch_images = jax.sharding.reshard(batch_images, batch_sharding)
         batch_labels = jax.sharding.reshard(batch_labels, batch_sharding)
-    state, loss = train_step(state, batch_images, batch_labels, model, optimizer, dropout_key, local,
-                             renorm_schedule)
+    state, loss = train_step(state, batch_images, batch_labels, model, optimizer, dropout_key, local, renorm_schedule)
     return (state, step_epoch, perm), loss
 
   epoch = state.step // per_epoch
@@ -136,7 +153,7 @@ def eval_step(state: TrainState, images, labels, valid, model, chunk: int, local
     # device-sharded axis of an Explicit mesh) optax's logsumexp select fails
     # JAX's sharding check for some models (the sigmoid Inception net).
     loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
-    correct = (jnp.argmax(logits, -1) == y)
+    correct = jnp.argmax(logits, -1) == y
     tracked = extras.get("last_preactivation", jnp.zeros((x.shape[0], 1)))[:, 0]
     return None, (jnp.sum(jnp.where(v, loss, 0)), jnp.sum(v & correct), tracked)
 
