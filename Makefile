@@ -1,23 +1,49 @@
 # Two commands do everything on a fresh machine: `make test` and `make train`.
+# PYTHON picks the interpreter; each one gets its own environment
+# (python3: .venv, any other: .venv-X.Y), e.g. `make test PYTHON=python3.13`.
 PYTHON ?= python3
-VENV := .venv
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PY_VERSION))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# The newest Python that pyenv has: `make test-newest` runs the suite there,
+# with the newest JAX and flax that pip resolves for it.
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+NEWEST_PYTHON ?= $(PYENV_ROOT)/versions/$(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -V | tail -n 1)/bin/python
+PYTEST_ARGS ?=
 
-.PHONY: env test data train reproduce report bench
+.PHONY: env test test-fast test-newest lint data train reproduce report bench bench-device
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml jaxbn/__init__.py
+	@test -n "$(PY_VERSION)" || (echo "PYTHON=$(PYTHON): not a Python interpreter" >&2; exit 1)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,report,test]'
+	$(PY) -m pip install -q -e '.[train,report,test,lint]'
 	touch $@
 
 # pytest exits non-zero (5) when it collects no test, so make fails loudly.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (long training runs): a few minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The suite on the newest Python and the newest JAX/flax pip resolves for it
+# (a fresh environment resolves them; delete .venv-X.Y to re-resolve).
+test-newest:
+	@test -x "$(NEWEST_PYTHON)" || (echo "test-newest: no pyenv Python found under $(PYENV_ROOT)/versions" >&2; exit 1)
+	$(MAKE) test PYTHON=$(NEWEST_PYTHON) VENV=.venv-newest
+	.venv-newest/bin/python -c 'import sys, jax, flax; print("tested on Python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__)'
+
+# ruff (lint and format) on everything, mypy on the BN library.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Fashion-MNIST from Debian's package when it is not there yet (no network
 # needed beyond the package mirror), then prepared once as TFDS array_record.
@@ -56,3 +82,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/parallel_styles.py
 	$(BENCH_TUNED_ENV) $(PY) benchmarks/bn_layer.py
 	$(PY) benchmarks/summary.py
+
+# On a machine with an accelerator: the BN-layer, synced and training-step
+# benchmarks there (under ~8 minutes), written to benchmarks/results/*.PLATFORM.json.
+# It needs jax, flax and optax only, so an accelerator image's own Python
+# serves: `make bench-device DEVICE_PYTHON=python3` (no environment is made).
+DEVICE_PYTHON ?= $(PY)
+bench-device:
+	$(DEVICE_PYTHON) benchmarks/device.py

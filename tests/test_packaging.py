@@ -20,8 +20,18 @@ def test_runtime_dependencies_are_jax_and_flax():
 
 
 def test_import_jaxbn_imports_no_training_stack():
-  code = ("import sys, jaxbn, jaxbn.nnx; "
-          f"print(','.join(m for m in {TRAINING_STACK!r} if m in sys.modules))")
+  code = f"import sys, jaxbn, jaxbn.nnx; print(','.join(m for m in {TRAINING_STACK!r} if m in sys.modules))"
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "", f"import jaxbn imported {result.stdout.strip()}"
+
+
+def test_the_version_is_written_once_and_in_the_changelog():
+  import importlib.metadata
+
+  import jaxbn
+
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert "version" not in project and "version" in project["dynamic"]  # read from jaxbn.__version__
+  assert importlib.metadata.version("jaxbn") == jaxbn.__version__
+  assert f"## [{jaxbn.__version__}]" in (ROOT / "CHANGELOG.md").read_text()
