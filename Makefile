@@ -52,7 +52,7 @@ data: $(STAMP)
 	  echo "installing Debian's dataset-fashion-mnist"; \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 	  echo "could not install dataset-fashion-mnist; train.py will try its download"; fi
-	$(PY) -c "from jaxbn import data; data.load('fashion_mnist', data_dir='data')"
+	$(PY) -c "from trainer import data; data.load('fashion_mnist', data_dir='data')"
 
 # The default experiments, every one scaled down (14.3 minutes in a fresh clone
 # on 2 CPU cores, set-up included) -> reports/default/

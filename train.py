@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import sys
 
-from jaxbn.training.config import Config, ConfigError
+from trainer.config import Config, ConfigError
 
 INCEPTION_DEFAULTS = dict(batch_size=32, steps=10_000, optimizer="momentum", lr=0.01, eval_every=500)
 
@@ -145,9 +145,9 @@ def main(argv=None):
   # The training stack is imported only now: --help and usage errors stay fast.
   from pathlib import Path
 
-  from jaxbn.data import DatasetError
-  from jaxbn.training import rundir
-  from jaxbn.training.loop import CheckpointError, NonFiniteLossError, setup_devices, train_and_evaluate
+  from trainer import rundir
+  from trainer.data import DatasetError
+  from trainer.loop import CheckpointError, NonFiniteLossError, setup_devices, train_and_evaluate
 
   try:
     if args.overwrite and rundir.holds_run(Path(config.out)):

@@ -29,10 +29,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn  # noqa: E402
+import trainer  # noqa: E402
 from benchmarks import common  # noqa: E402
-from jaxbn import training  # noqa: E402
 
-STYLES, MODES = training.PARALLEL_STYLES, ("per-device", "sync")
+STYLES, MODES = trainer.PARALLEL_STYLES, ("per-device", "sync")
 CHUNK_STEPS = 100
 
 
@@ -46,7 +46,7 @@ def layer_programs(style: str, mode: str, devices):
   d, b, c = len(devices), 16, 64
   x = np.random.default_rng(0).normal(size=(d * b, c)).astype(np.float32)
   per_device = mode == "per-device"
-  kwargs = {"batch_groups": d} if per_device else ({} if style == "jit" else {"axis_name": training.AXIS})
+  kwargs = {"batch_groups": d} if per_device else ({} if style == "jit" else {"axis_name": trainer.AXIS})
   layer = jaxbn.BatchNorm(use_running_average=False, **kwargs)
   variables = layer.init(jax.random.key(0), x[:b])
 
@@ -56,7 +56,7 @@ def layer_programs(style: str, mode: str, devices):
   def backward(variables, x):
     return jax.grad(lambda x: jnp.sum(forward(variables, x)[0] ** 2))(x)
 
-  mesh = jax.sharding.Mesh(np.array(devices), (training.AXIS,))
+  mesh = jax.sharding.Mesh(np.array(devices), (trainer.AXIS,))
   texts = []
   for fn in (forward, backward):
     if style == "pmap":
@@ -64,19 +64,19 @@ def layer_programs(style: str, mode: str, devices):
       # Per-device: each device sees its own row of the (devices, features) statistics.
       stats = jax.tree.map(lambda a, stack=stack: a[:, None] if per_device else stack(a), variables["batch_stats"])
       stacked = {"params": jax.tree.map(stack, variables["params"]), "batch_stats": stats}
-      texts.append(jax.pmap(fn, axis_name=training.AXIS).lower(stacked, x.reshape(d, b, c)).compile().as_text())
+      texts.append(jax.pmap(fn, axis_name=trainer.AXIS).lower(stacked, x.reshape(d, b, c)).compile().as_text())
       continue
     with jax.set_mesh(mesh):
-      xs = jax.device_put(x, NamedSharding(mesh, P(training.AXIS)))
-      stats_spec = P(training.AXIS) if per_device else P()
+      xs = jax.device_put(x, NamedSharding(mesh, P(trainer.AXIS)))
+      stats_spec = P(trainer.AXIS) if per_device else P()
       placed = {
         "params": variables["params"],
         "batch_stats": jax.device_put(variables["batch_stats"], NamedSharding(mesh, stats_spec)),
       }
       if style == "shard_map":
         specs = {"params": P(), "batch_stats": stats_spec}
-        out = (P(training.AXIS), {"batch_stats": stats_spec}) if fn is forward else P(training.AXIS)
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P(training.AXIS)), out_specs=out)
+        out = (P(trainer.AXIS), {"batch_stats": stats_spec}) if fn is forward else P(trainer.AXIS)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P(trainer.AXIS)), out_specs=out)
       texts.append(jax.jit(fn).lower(placed, xs).compile().as_text())
   return texts
 
@@ -102,14 +102,14 @@ def main(argv=None):
   fns, fargs = {}, {}
   for mode in MODES:
     for style in STYLES:
-      config = training.Config(model="mlp", bn=mode, parallel=style, batch_size=8, lr=0.5)
-      parallel = training.Parallel(style, devices, per_device_bn=mode == "per-device")
-      state = parallel.put_state(training.create_train_state(config, (28, 28)))
+      config = trainer.Config(model="mlp", bn=mode, parallel=style, batch_size=8, lr=0.5)
+      parallel = trainer.Parallel(style, devices, per_device_bn=mode == "per-device")
+      state = parallel.put_state(trainer.create_train_state(config, (28, 28)))
       chunk = parallel.train_chunk(
         state,
         CHUNK_STEPS,
-        model=training.make_model(config, len(devices)),
-        optimizer=training.make_optimizer(config),
+        model=trainer.make_model(config, len(devices)),
+        optimizer=trainer.make_optimizer(config),
         seed=0,
         global_batch=8 * len(devices),
       )

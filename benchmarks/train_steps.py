@@ -20,9 +20,9 @@ from flax import linen as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn
+import trainer
 from benchmarks import common
-from jaxbn import training
-from jaxbn.models import MLP, InceptionNet
+from trainer.models import MLP, InceptionNet
 
 STEPS = {"mlp": 200, "inception": 10}
 
@@ -37,18 +37,18 @@ def main(argv=None):
   device = jax.devices()[:1]
   rows = []
   for name, batch, config in (
-    ("mlp", 60, training.Config(model="mlp", lr=0.5)),
-    ("inception", 32, training.Config(model="inception", optimizer="momentum", lr=0.01)),
+    ("mlp", 60, trainer.Config(model="mlp", lr=0.5)),
+    ("inception", 32, trainer.Config(model="inception", optimizer="momentum", lr=0.01)),
   ):
     fns, fargs = {}, {}
     for bn, norm in (("no BN", None), ("jaxbn", jaxbn.BatchNorm), ("flax", nn.BatchNorm)):
       if norm is not None:
         norm = functools.partial(norm, momentum=0.99)
       model = MLP(norm=norm) if name == "mlp" else InceptionNet(norm=norm, width=config.width)
-      optimizer = training.make_optimizer(config)
-      state = training.create_train_state(config, (28, 28), model)
+      optimizer = trainer.make_optimizer(config)
+      state = trainer.create_train_state(config, (28, 28), model)
       chunk = functools.partial(
-        training.train_chunk,
+        trainer.train_chunk,
         num_steps=STEPS[name],
         model=model,
         optimizer=optimizer,

@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn
-from jaxbn import data, training
+import trainer
+from trainer import data
 
 
 def fold_mlp(params: dict, batch_stats: dict, epsilon: float) -> dict:
@@ -59,16 +60,16 @@ def main(argv=None):
   parser.add_argument("run", help="a train.py run directory of --model mlp with --bn per-device or sync")
   args = parser.parse_args(argv)
   run = Path(args.run)
-  config = training.Config(**json.loads((run / "config.json").read_text()))
+  config = trainer.Config(**json.loads((run / "config.json").read_text()))
   if config.model != "mlp" or config.bn == "none":
     parser.error(f"run: expected an MLP trained with BN, got --model {config.model} --bn {config.bn}")
   model, plain = (
-    training.make_model(config),
-    training.make_model(training.Config(**{**json.loads((run / "config.json").read_text()), "bn": "none"})),
+    trainer.make_model(config),
+    trainer.make_model(trainer.Config(**{**json.loads((run / "config.json").read_text()), "bn": "none"})),
   )
   manager = ocp.CheckpointManager(run.absolute() / "checkpoints")
   state = manager.restore(
-    manager.latest_step(), args=ocp.args.StandardRestore(training.create_train_state(config, (28, 28)))
+    manager.latest_step(), args=ocp.args.StandardRestore(trainer.create_train_state(config, (28, 28)))
   )
   folded = fold_mlp(state.params, state.batch_stats, epsilon=1e-5)
 

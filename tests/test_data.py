@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from jaxbn import data
 from tests.idx_files import STEMS, idx_bytes, make_dataset, write_dataset
+from trainer import data
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 import jaxbn
-from jaxbn.models import MLP, InceptionNet
+from trainer.models import MLP, InceptionNet
 
 X = jax.random.uniform(jax.random.key(42), (6, 28, 28))
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # optax is not here: flax depends on it, and flax.nnx imports it itself.
-TRAINING_STACK = ("tensorflow_datasets", "array_record", "orbax", "tqdm", "matplotlib")
+# trainer: the training harness lives beside the library and is never imported by it.
+TRAINING_STACK = ("trainer", "tensorflow_datasets", "array_record", "orbax", "tqdm", "matplotlib", "grain")
 
 
 def test_runtime_dependencies_are_jax_and_flax():

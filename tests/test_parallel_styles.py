@@ -19,8 +19,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxbn
-from jaxbn import data, training
+import trainer
 from tests.idx_files import make_dataset, write_dataset
+from trainer import data
+from trainer.loop import train_and_evaluate
 
 KEYS = ("train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
 POPULATION_KEYS = ("test_loss_population", "test_accuracy_population")
@@ -32,7 +34,7 @@ def runs(tmp_path_factory):
   assert jax.device_count() == 8
   root = tmp_path_factory.mktemp("styles")
   idx = write_dataset(root / "idx", make_dataset(n_train=2000, n_test=100))
-  base = training.Config(
+  base = trainer.Config(
     dataset="mnist",
     idx_dir=str(idx),
     data_dir=str(root / "tfds"),
@@ -46,8 +48,8 @@ def runs(tmp_path_factory):
     progress=False,
   )
   results = {}
-  for bn in training.BN_MODES:
-    for style in training.PARALLEL_STYLES:
+  for bn in trainer.BN_MODES:
+    for style in trainer.PARALLEL_STYLES:
       out = root / f"{bn}-{style}"
       config = dataclasses.replace(
         base,
@@ -56,9 +58,9 @@ def runs(tmp_path_factory):
         out=str(out),
         population_batches=POPULATION_BATCHES if bn in ("per-device", "sync") else 0,
       )
-      training.train_and_evaluate(config, devices=jax.devices())
+      train_and_evaluate(config, devices=jax.devices())
       metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-      abstract = training.create_train_state(config, (28, 28))
+      abstract = trainer.create_train_state(config, (28, 28))
       checkpoint = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
         200, args=ocp.args.StandardRestore(abstract)
       )
@@ -67,7 +69,7 @@ def runs(tmp_path_factory):
   return results
 
 
-@pytest.mark.parametrize("bn", training.BN_MODES)
+@pytest.mark.parametrize("bn", trainer.BN_MODES)
 @pytest.mark.parametrize("style", ["shard_map", "pmap"])
 def test_style_gives_the_same_run_as_jit(runs, bn, style):
   (reference, saved), (other, other_saved) = runs[bn, "jit"], runs[bn, style]
@@ -82,7 +84,7 @@ def test_style_gives_the_same_run_as_jit(runs, bn, style):
 
 
 def test_per_device_synced_and_renorm_runs_differ(runs):
-  for style in training.PARALLEL_STYLES:
+  for style in trainer.PARALLEL_STYLES:
     per_device, synced, renorm = (runs[bn, style][0][-1] for bn in ("per-device", "sync", "renorm"))
     assert abs(per_device["test_loss"] - synced["test_loss"]) > 1e-3, style
     assert abs(per_device["p50"] - synced["p50"]) > 1e-3, style
@@ -102,7 +104,7 @@ def test_population_evaluation_is_algorithm_2_of_the_final_weights(runs, bn):
   batches = [
     dataset.train_images[order[i * size : (i + 1) * size]].astype(np.float32) / 255 for i in range(POPULATION_BATCHES)
   ]
-  model = training.make_model(config)
+  model = trainer.make_model(config)
   variables = {"params": saved.params, "batch_stats": saved.batch_stats}
   population = jaxbn.population_stats(model, variables, batches, train=False)
   logits, _ = model.apply(
@@ -121,13 +123,13 @@ def test_sigmoid_inception_evaluates_in_jit_style(num_devices=1):
   sharding check refused; 8 devices did not). The sums equal the loss and accuracy of a
   plain apply."""
   assert jax.device_count() == 8
-  config = training.Config(model="inception", bn="sync", activation="sigmoid", width=4, lr=0.01)
+  config = trainer.Config(model="inception", bn="sync", activation="sigmoid", width=4, lr=0.01)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (num_devices, 32 // num_devices, 28, 28)).astype(np.uint8)
   labels = rng.integers(0, 10, images.shape[:2]).astype(np.int32)
-  state = training.create_train_state(config, (28, 28))
-  model = training.make_model(config)
-  parallel = training.Parallel("jit", jax.devices()[:num_devices], per_device_bn=False)
+  state = trainer.create_train_state(config, (28, 28))
+  model = trainer.make_model(config)
+  parallel = trainer.Parallel("jit", jax.devices()[:num_devices], per_device_bn=False)
   sums, _ = parallel.evaluate(
     parallel.put_state(state), *parallel.shard((images, labels, labels >= 0)), model=model, chunk=2
   )

@@ -167,7 +167,7 @@ def test_data_errors_name_the_file(tmp_path, idx_dir):
 
 
 def test_idx_dir_is_never_shadowed_by_prepared_data(tmp_path):
-  from jaxbn import data
+  from trainer import data
 
   first = write_dataset(tmp_path / "first", make_dataset(n_train=50, n_test=10, seed=1))
   second = write_dataset(tmp_path / "second", make_dataset(n_train=70, n_test=10, seed=2))
@@ -177,7 +177,7 @@ def test_idx_dir_is_never_shadowed_by_prepared_data(tmp_path):
 
 
 def test_offline_download_fails_fast_with_the_how_to(tmp_path):
-  from jaxbn import data
+  from trainer import data
 
   start = time.time()
   with pytest.raises(data.DatasetNotFoundError, match="pass --idx-dir"):
@@ -190,8 +190,8 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_d
   import jax
   import orbax.checkpoint as ocp
 
-  from jaxbn import training
-  from jaxbn.training import loop
+  import trainer
+  from trainer import loop
 
   original = ocp.CheckpointManager.save
 
@@ -201,7 +201,7 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_d
     return original(self, step, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-  config = training.Config(
+  config = trainer.Config(
     dataset="mnist",
     idx_dir=str(idx_dir),
     data_dir=str(tmp_path / "tfds"),

@@ -18,7 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxbn import training
+import trainer
 from tests.idx_files import make_dataset, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,21 +26,21 @@ DEVICES, PER_DEVICE = 8, 4
 
 
 def _step_inputs(bn):
-  config = training.Config(model="mlp", bn=bn, parallel="pmap", lr=0.3, batch_size=PER_DEVICE, init_std=0.3)
+  config = trainer.Config(model="mlp", bn=bn, parallel="pmap", lr=0.3, batch_size=PER_DEVICE, init_std=0.3)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (DEVICES, PER_DEVICE, 28, 28)).astype(np.uint8)
   labels = rng.integers(0, 10, (DEVICES, PER_DEVICE)).astype(np.int32)
-  state = training.create_train_state(config, (28, 28))
+  state = trainer.create_train_state(config, (28, 28))
   return config, state, images, labels
 
 
 def _pmapped_step(config, state, images, labels):
   """One step under pmap, the state placed as train.py places it."""
-  model, optimizer = training.make_model(config, DEVICES), training.make_optimizer(config)
-  parallel = training.Parallel("pmap", jax.devices(), per_device_bn=config.bn == "per-device")
+  model, optimizer = trainer.make_model(config, DEVICES), trainer.make_optimizer(config)
+  parallel = trainer.Parallel("pmap", jax.devices(), per_device_bn=config.bn == "per-device")
   step = jax.pmap(
-    functools.partial(training.train_step, model=model, optimizer=optimizer, dropout_key=jax.random.key(0), local=True),
-    axis_name=training.AXIS,
+    functools.partial(trainer.train_step, model=model, optimizer=optimizer, dropout_key=jax.random.key(0), local=True),
+    axis_name=trainer.AXIS,
   )
   new, loss = step(parallel.put_state(state), images, labels)
   if config.bn == "per-device":  # each device sees its own row of running statistics
@@ -50,7 +50,7 @@ def _pmapped_step(config, state, images, labels):
 
 def _single_device_step(config, state, images, labels):
   """The oracle: the same model unsynced on one device, plain optax."""
-  model = training.make_model(config)  # no axis, no groups
+  model = trainer.make_model(config)  # no axis, no groups
 
   def loss_fn(params):
     (logits, _), updates = model.apply(
@@ -169,11 +169,11 @@ def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
   out = tmp_path / "run"
   result = _run(_train_cmd(idx_dir, out, "--bn", "sync", "--devices", "8", "--steps", "40", "--eval-every", "40"))
   assert result.returncode == 0, result.stderr[-3000:]
-  config = training.Config(**json.loads((out / "config.json").read_text()))
-  model = training.make_model(config)
-  abstract = training.create_train_state(config, (28, 28))
+  config = trainer.Config(**json.loads((out / "config.json").read_text()))
+  model = trainer.make_model(config)
+  abstract = trainer.create_train_state(config, (28, 28))
   state = ocp.CheckpointManager((out / "checkpoints").absolute()).restore(40, args=ocp.args.StandardRestore(abstract))
-  from jaxbn import data
+  from trainer import data
 
   ds = data.load("mnist", data_dir=str(tmp_path / "tfds"))
   assert ds.test_images.shape[0] == 37
@@ -237,8 +237,8 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir):
     for key in ("train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85"):
       assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), key
   # Same running statistics at the end.
-  config = training.Config(**json.loads((multi / "config.json").read_text()))
-  abstract = training.create_train_state(config, (28, 28))
+  config = trainer.Config(**json.loads((multi / "config.json").read_text()))
+  abstract = trainer.create_train_state(config, (28, 28))
   restore = lambda out: ocp.CheckpointManager((out / "checkpoints").absolute()).restore(
     20, args=ocp.args.StandardRestore(abstract)
   )

@@ -17,7 +17,7 @@ from flax import linen as nn
 from jax import lax
 
 import jaxbn
-from jaxbn.training.state import AXIS, TrainState
+from trainer.state import AXIS, TrainState
 
 
 def preprocess(images):

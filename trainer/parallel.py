@@ -28,8 +28,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn.training import steps
-from jaxbn.training.state import AXIS, TrainState
+from trainer import steps
+from trainer.state import AXIS, TrainState
 
 
 def _pool_rows(batch_stats):

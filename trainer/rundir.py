@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from jaxbn.training.config import Config
+from trainer.config import Config
 
 
 class RunDirError(ValueError):

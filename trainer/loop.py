@@ -17,11 +17,11 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 import jaxbn
-from jaxbn import data as data_lib
-from jaxbn.training import rundir, steps
-from jaxbn.training.config import Config, per_device_statistics, statistics_batch
-from jaxbn.training.parallel import Parallel
-from jaxbn.training.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
+from trainer import data as data_lib
+from trainer import rundir, steps
+from trainer.config import Config, per_device_statistics, statistics_batch
+from trainer.parallel import Parallel
+from trainer.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
 
 PERCENTILES = (15, 50, 85)
 EVAL_CHUNK = 500  # test examples per device per evaluation step

@@ -18,8 +18,8 @@ from flax import linen as nn
 from flax import struct
 
 import jaxbn
-from jaxbn.models import MLP, InceptionNet
-from jaxbn.training.config import Config, per_device_statistics
+from trainer.config import Config, per_device_statistics
+from trainer.models import MLP, InceptionNet
 
 AXIS = "batch"  # the device axis of every parallel style
 

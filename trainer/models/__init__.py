@@ -5,7 +5,7 @@
 for no normalization. Models take `train` and return `(logits, extras)`.
 """
 
-from jaxbn.models.inception import InceptionNet
-from jaxbn.models.mlp import MLP
+from trainer.models.inception import InceptionNet
+from trainer.models.mlp import MLP
 
 __all__ = ["MLP", "InceptionNet"]
