@@ -1,92 +1,74 @@
 #!/usr/bin/env python
-"""Train the paper's models with jaxbn: no BN, per-device or synced BN, on every device.
+"""Train with jaxbn: no BN, per-device or synced BN, on every device, in any parallel style.
 
-    python train.py --dataset fashion_mnist --model mlp --bn sync --devices 8 --steps 2000 --out runs/x
+    python train.py --model resnet20 --dataset cifar10 --bn sync --out runs/r20
+    python train.py --model resnet20 --image-folder DIR --dtype bfloat16 --out runs/mine
+    python train.py --model mlp --bn per-device --devices 8 --steps 2000 --out runs/x
 
-Defaults for --model mlp are the paper's Figure 1 setup (batch 60, 50,000 steps, sigmoid
-MLP); --model inception changes the defaults marked "inception". A run writes
-OUT/config.json, OUT/metrics.jsonl and OUT/checkpoints/; see README.md.
+Each model has its published recipe (listed below); a flag given overrides it.
+A run writes OUT/config.json, OUT/data.json, OUT/metrics.jsonl and
+OUT/checkpoints/; see README.md.
 """
+
+from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
 
-from trainer.config import Config, ConfigError
+from trainer.bn_modes import BN_MODES
+from trainer.config import DEFAULTS, Config, ConfigError
+from trainer.models import MODELS
 
-INCEPTION_DEFAULTS = dict(batch_size=32, steps=10_000, optimizer="momentum", lr=0.01, eval_every=500)
-
-# flag -> (type or choices, help); defaults come from Config (and INCEPTION_DEFAULTS).
-FLAGS = {
-  "dataset": (["mnist", "fashion_mnist"], "dataset by name"),
-  "idx_dir": (
-    str,
-    "directory with the four IDX files (train-images-idx3-ubyte[.gz], ...); prepared data from other files is rebuilt",
-  ),
-  "data_dir": (str, "TFDS data dir; prepared data is reused"),
-  "model": (["mlp", "inception"], "the paper's MLP 784-100-100-100-10 or a small Inception-style convnet"),
-  "bn": (
-    ["none", "per-device", "sync", "renorm"],
-    "no BN, BN with each device's batch, BN with the global batch, or Batch Renorm with each "
-    "device's batch (r_max 1->3, d_max 0->5 from 10%% to 60%% of --steps)",
-  ),
-  "parallel": (
-    ["jit", "shard_map", "pmap"],
-    "how the step spans the devices: jax.jit over sharded arrays, jax.jit(jax.shard_map(...)) or jax.pmap",
-  ),
-  "devices": (int, "devices to use (on CPU: host devices to create; default: every device)"),
-  "batch_size": (int, "examples per device per step (global batch = this x devices)"),
-  "steps": (int, "training steps (raise it with --resume to train longer)"),
-  "optimizer": (["sgd", "momentum", "adam"], "optax optimizer (momentum: 0.9)"),
-  "lr": (float, "learning rate"),
-  "lr_decay_steps": (int, "multiply the learning rate by --lr-decay-rate every N steps (0: off)"),
-  "lr_decay_rate": (float, "staircase decay factor"),
-  "weight_decay": (float, "L2 weight decay on kernels"),
-  "activation": (["sigmoid", "relu"], "hidden activation (default: sigmoid for mlp, relu for inception)"),
-  "dropout": (float, "dropout rate (inception)"),
-  "init_std": (float, "MLP weights ~ N(0, init_std^2)"),
-  "width": (int, "inception channel multiplier"),
-  "bn_momentum": (float, "running-average decay of BN statistics (flax meaning)"),
-  "eval_every": (int, "evaluate on the whole test set every N steps (also the steps per dispatch)"),
-  "population_batches": (
-    int,
-    "also evaluate with population statistics (paper Algorithm 2) over N "
-    "training batches of the size BN normalizes over in training (one device's "
-    "for per-device BN); 0: off",
-  ),
-  "checkpoint_every": (
-    int,
-    "checkpoint every N steps, a multiple of --eval-every (default: 10,000 rounded up to one), and at the end",
-  ),
-  "seed": (int, "random seed (initialization, data order, dropout)"),
-  "out": (str, "run directory"),
-}
+# Config fields that are not flags of their own (see the options below).
+NOT_FLAGS = ("resume", "progress")
 
 
-def _default(name):
-  field = {f.name: f for f in dataclasses.fields(Config)}[name]
-  text = "" if field.default is None else f" (default: {field.default}"
-  if name in INCEPTION_DEFAULTS:
-    text += f"; inception: {INCEPTION_DEFAULTS[name]}"
-  return text + ")" if text else ""
+def _as_flag(name: str, value) -> str:
+  flag = "--" + name.replace("_", "-")
+  return flag if value is True else f"{flag} {value}"
+
+
+def _recipes() -> str:
+  lines = ["models and their recipes (flags a model sets unless given):"]
+  for name, spec in MODELS.items():
+    recipe = ", ".join(_as_flag(k, v) for k, v in spec.recipe.items())
+    lines.append(f"  {name:10} {spec.summary}\n  {'':10} {recipe}")
+  lines.append("BN modes:")
+  lines += [f"  {name:10} {mode.summary}" for name, mode in BN_MODES.items()]
+  return "\n".join(lines).replace("%%", "%")
+
+
+def _default(field: dataclasses.Field) -> str:
+  if field.name in DEFAULTS:
+    general = DEFAULTS[field.name]
+    return " (default: the model's recipe" + ("" if general is None else f", else {general}") + ")"
+  return "" if field.default is None else f" (default: {field.default})"
 
 
 def make_parser():
   parser = argparse.ArgumentParser(
-    prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    prog="train.py", description=__doc__, epilog=_recipes(), formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  for name, (kind, text) in FLAGS.items():
-    flag = "--" + name.replace("_", "-")
-    if isinstance(kind, list):
-      parser.add_argument(flag, choices=kind, help=text + _default(name))
+  for field in dataclasses.fields(Config):
+    if field.name in NOT_FLAGS:
+      continue
+    flag = "--" + field.name.replace("_", "-")
+    help = field.metadata["help"] + _default(field)
+    choices = field.metadata.get("choices")
+    if field.type in ("bool", "bool | None"):
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+    elif choices:
+      parser.add_argument(flag, choices=[c for c in choices if c is not None], help=help)
     else:
-      parser.add_argument(flag, type=kind, metavar=name.upper(), help=text + _default(name))
+      kind = {"int | None": int, "int": int, "float | None": float, "float": float}.get(str(field.type), str)
+      parser.add_argument(flag, type=kind, metavar=field.name.upper(), help=help)
   parser.add_argument(
     "--resume",
     action="store_true",
     default=None,
-    help="continue the run in OUT from its latest checkpoint (its configuration must "
-    "match, but --steps); a finished run prints its final metrics",
+    help="continue the run in OUT from its latest checkpoint (its configuration must match, but --steps); "
+    "a finished run prints its final metrics",
   )
   parser.add_argument(
     "--overwrite",
@@ -123,9 +105,8 @@ def parse_args(argv=None):
   parser = make_parser()
   args = parser.parse_args(argv)
   given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
-  defaults = INCEPTION_DEFAULTS if given.get("model") == "inception" else {}
   try:
-    config = Config(**{**defaults, **given})
+    config = Config(**given)
   except ConfigError as error:
     parser.error(str(error))
   if args.overwrite and config.resume:
@@ -162,7 +143,7 @@ def main(argv=None):
       timeout=args.connect_timeout,
     )
     last = train_and_evaluate(config, devices)
-  except rundir.RunDirError as error:
+  except (rundir.RunDirError, ConfigError) as error:
     parser.error(str(error))
   except (DatasetError, NonFiniteLossError, CheckpointError, ConnectionError) as error:
     sys.exit(f"error: {error}")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn  # noqa: E402
 import trainer  # noqa: E402
 from benchmarks import common  # noqa: E402
+from trainer.input import Batches  # noqa: E402
 
 STYLES, MODES = trainer.PARALLEL_STYLES, ("per-device", "sync")
 CHUNK_STEPS = 100
@@ -97,7 +98,7 @@ def main(argv=None):
   print(common.table(rows, list(rows[0])))
 
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (6000, 28, 28)).astype(np.uint8)
+  images = rng.integers(0, 256, (6000, 28, 28, 1)).astype(np.uint8)
   labels = rng.integers(0, 10, 6000).astype(np.int32)
   fns, fargs = {}, {}
   for mode in MODES:
@@ -108,10 +109,10 @@ def main(argv=None):
       chunk = parallel.train_chunk(
         state,
         CHUNK_STEPS,
-        model=trainer.make_model(config, len(devices)),
+        model=trainer.make_model(config, num_devices=len(devices)),
         optimizer=trainer.make_optimizer(config),
-        seed=0,
-        global_batch=8 * len(devices),
+        batches=Batches(0, len(labels), 8 * len(devices), "none", 28, 1, hflip=False),
+        resident=True,
       )
       data = parallel.replicate((images, labels))
       # Donation consumes the state: every call gets a fresh copy.

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn
 import trainer
 from benchmarks import common
+from trainer.input import Batches
 from trainer.models import MLP, InceptionNet
 
 STEPS = {"mlp": 200, "inception": 10}
@@ -32,7 +33,7 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=10)
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (6000, 28, 28)).astype(np.uint8)
+  images = rng.integers(0, 256, (6000, 28, 28, 1)).astype(np.uint8)
   labels = rng.integers(0, 10, 6000).astype(np.int32)
   device = jax.devices()[:1]
   rows = []
@@ -52,10 +53,10 @@ def main(argv=None):
         num_steps=STEPS[name],
         model=model,
         optimizer=optimizer,
-        seed=0,
-        global_batch=batch,
+        batches=Batches(0, len(labels), batch, "none", 28, 1, hflip=False),
         num_devices=1,
         local=False,
+        resident=True,
       )
       put = lambda a: jax.device_put(a, device[0])
       fns[bn] = chunk

@@ -43,14 +43,14 @@ def test_builder_from_idx_dir(tmp_path, gz):
   generated = make_dataset(n_train=50, n_test=20)
   idx_dir = write_dataset(tmp_path / "idx", generated, gz=gz)
   ds = data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(idx_dir))
-  assert ds.train_images.shape == (50, 28, 28) and ds.test_labels.shape == (20,)
+  assert ds.train_images.shape == (50, 28, 28, 1) and ds.test_labels.shape == (20,)  # grey: one channel
   assert ds.num_classes == 10
   # Same examples (TFDS stores them in its own order): compare as sorted sets.
   for images, labels, (want_images, want_labels) in (
     (ds.train_images, ds.train_labels, generated["train"]),
     (ds.test_images, ds.test_labels, generated["test"]),
   ):
-    got = sorted(zip(labels.tolist(), [im.tobytes() for im in images], strict=True))
+    got = sorted(zip(labels.tolist(), [im[..., 0].tobytes() for im in images], strict=True))
     want = sorted(zip(want_labels.tolist(), [im.tobytes() for im in want_images], strict=True))
     assert got == want
   # Prepared data is reused: the IDX files are no longer needed.
@@ -118,6 +118,6 @@ def test_idx_dir_missing_files(tmp_path):
     data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(tmp_path / "idx"))
 
 
-def test_unknown_dataset():
-  with pytest.raises(ValueError, match="dataset: expected one of"):
-    data.load("cifar10")
+def test_unknown_dataset(tmp_path):
+  with pytest.raises(data.DatasetNotFoundError, match="--dataset: TFDS knows no dataset 'no_such_dataset'"):
+    data.load("no_such_dataset", data_dir=str(tmp_path))

@@ -21,7 +21,7 @@ import pytest
 import jaxbn
 import trainer
 from tests.idx_files import make_dataset, write_dataset
-from trainer import data
+from trainer import data, order, steps
 from trainer.loop import train_and_evaluate
 
 KEYS = ("train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
@@ -95,15 +95,18 @@ def test_per_device_synced_and_renorm_runs_differ(runs):
 def test_population_evaluation_is_algorithm_2_of_the_final_weights(runs, bn):
   """The recorded population accuracy, recomputed here: Algorithm 2 over batches of
   the size BN normalized over in training (one device's 8 examples for per-device
-  BN, the global 64 for synced BN), from the run's checkpointed weights."""
+  BN, the global 64 for synced BN: the first ones of the run's first global
+  batches), from the run's checkpointed weights."""
   metrics, saved = runs[bn, "jit"]
   config = dataclasses.replace(runs["config"], bn=bn)
   dataset = data.load(config.dataset, data_dir=config.data_dir, idx_dir=config.idx_dir)
   size = config.batch_size * (8 if bn == "sync" else 1)
-  order = np.random.default_rng(config.seed).permutation(len(dataset.train_images))
-  batches = [
-    dataset.train_images[order[i * size : (i + 1) * size]].astype(np.float32) / 255 for i in range(POPULATION_BATCHES)
-  ]
+  global_batch = config.batch_size * 8
+  batches = []
+  for step in range(POPULATION_BATCHES):  # the order's definition: epoch 0's permutation, step after step
+    permutation = order.epoch_permutation(config.seed, 0, len(dataset.train_labels))
+    picks = permutation[step * global_batch : step * global_batch + size]
+    batches.append(dataset.train_images[picks].astype(np.float32) / 255)
   model = trainer.make_model(config)
   variables = {"params": saved.params, "batch_stats": saved.batch_stats}
   population = jaxbn.population_stats(model, variables, batches, train=False)
@@ -130,9 +133,10 @@ def test_sigmoid_inception_evaluates_in_jit_style(num_devices=1):
   state = trainer.create_train_state(config, (28, 28))
   model = trainer.make_model(config)
   parallel = trainer.Parallel("jit", jax.devices()[:num_devices], per_device_bn=False)
-  sums, _ = parallel.evaluate(
-    parallel.put_state(state), *parallel.shard((images, labels, labels >= 0)), model=model, chunk=2
-  )
+  batches = [
+    (images[:, i : i + 2], labels[:, i : i + 2], labels[:, i : i + 2] >= 0) for i in range(0, 32 // num_devices, 2)
+  ]
+  sums, _ = parallel.evaluate(parallel.put_state(state), batches, model=model, pixels=steps.UNIT)
   logits, _ = model.apply(
     {"params": state.params, "batch_stats": state.batch_stats},
     images.reshape(32, 28, 28).astype(np.float32) / 255,

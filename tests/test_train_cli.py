@@ -23,7 +23,15 @@ from tests.idx_files import make_dataset, write_dataset  # noqa: E402
     (["--checkpoint-every", "0"], "--checkpoint-every"),
     (["--eval-every", "100", "--checkpoint-every", "150"], "--checkpoint-every"),
     (["--devices", "0"], "--devices"),
-    (["--devices", "1000", "--batch-size", "100"], "--batch-size"),
+    (["--batch-size", "8", "--global-batch-size", "64"], "--global-batch-size"),
+    (["--model", "resnet99"], "--model"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--schedule", "step", "--lr-decay-steps", "100"], "--lr-decay-steps"),
+    (["--warmup-steps", "500", "--steps", "500"], "--warmup-steps"),
+    (["--nesterov", "--optimizer", "adam"], "--nesterov"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--image-folder", "x", "--idx-dir", "y"], "--idx-dir"),
+    (["--input", "disk"], "--input"),
     (["--dropout", "1.5"], "--dropout"),
     (["--bn-momentum", "2"], "--bn-momentum"),
     (["--steps", "0"], "--steps"),
@@ -50,13 +58,22 @@ def test_defaults_adapt_and_help_shows_every_default():
   text = train.make_parser().format_help()
   for expected in (
     "--lr LR",
-    "(default: 0.5; inception: 0.01)",
+    "(default: the model's recipe",
     "--parallel {jit,shard_map,pmap}",
     "(default: jit)",
-    "(default: 50000; inception: 10000)",
     "--connect-timeout",
+    "--no-zero-init-residual",
   ):
     assert expected in text, expected
+  # Every model's recipe is listed, from the registry.
+  from trainer.models import MODELS
+
+  for name, spec in MODELS.items():
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(name + " "))
+    recipe = lines[at + 1]
+    for key, value in spec.recipe.items():
+      assert train._as_flag(key, value) in recipe, (name, key)
   for action in train.make_parser()._actions:
     assert action.help, action.option_strings
 

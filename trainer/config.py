@@ -1,85 +1,205 @@
-"""The configuration of a training run (written to OUT/config.json)."""
+"""The configuration of a training run (written to OUT/config.json), and train.py's flags.
+
+Every field is a flag (`--name-with-dashes`); its help and choices are the
+field's metadata, and the choices of --model, --bn, --parallel come from their
+registries. A field left None takes the model's recipe (`trainer.models.MODELS`),
+then the general default below, so `Config(model="resnet20")` from Python gets
+ResNet-20's recipe exactly as `train.py --model resnet20` does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
+
+from trainer.bn_modes import BN_MODES
+from trainer.models import ACTIVATIONS, MODELS
 
 PARALLEL_STYLES = ("jit", "shard_map", "pmap")
-BN_MODES = ("none", "per-device", "sync", "renorm")
-DATASETS = ("mnist", "fashion_mnist")
-TRAIN_EXAMPLES = 60_000  # both datasets
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+DTYPES = ("float32", "bfloat16")
+INPUTS = ("auto", "device", "stream")
+AUGMENTATIONS = ("auto", "none", "crop-flip", "random-resized-crop")
+NORMALIZATIONS = ("unit", "standardize")
 CHECKPOINT_STEPS = 10_000  # checkpoint_every's default, rounded up to a multiple of eval_every
+STEP_DECAY_AT = (0.5, 0.75)  # --schedule step: lr / 10 at these shares of --steps (He et al.: 32k, 48k of 64k)
 
 # Flags that may differ when a run is resumed: where and how to show it, and
 # (only upwards) how long it trains.
-RESUMABLE = ("out", "resume", "progress", "steps", "data_dir")
+RESUMABLE = ("out", "resume", "progress", "steps", "data_dir", "input_workers")
+
+# General defaults of the fields a recipe may set (None: decided elsewhere, see each field).
+DEFAULTS: dict[str, Any] = dict(
+  batch_size=None,
+  global_batch_size=None,
+  steps=10_000,
+  optimizer="sgd",
+  nesterov=False,
+  lr=0.1,
+  schedule="constant",
+  warmup_steps=0,
+  weight_decay=0.0,
+  label_smoothing=0.0,
+  bn_momentum=0.99,
+  eval_every=1000,
+  normalize="unit",
+  image_size=None,
+)
 
 
 class ConfigError(ValueError):
   """A bad flag value or combination: the message starts with the flag."""
 
 
+def _flag(help: str, default=None, choices=None):
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclasses.dataclass
 class Config:
   """Everything a run depends on; written to OUT/config.json."""
 
-  dataset: str = "fashion_mnist"
-  idx_dir: str | None = None
-  data_dir: str | None = "data"
-  model: str = "mlp"  # mlp | inception
-  bn: str = "none"  # none | per-device | sync | renorm
-  parallel: str = "jit"  # jit | shard_map | pmap: how the step spans the devices
-  devices: int | None = None  # None: every device
-  batch_size: int = 60  # per device
-  steps: int = 50_000
-  optimizer: str = "sgd"  # sgd | momentum | adam
-  lr: float = 0.5
-  lr_decay_steps: int = 0  # 0: constant learning rate
-  lr_decay_rate: float = 1.0  # lr *= rate every lr_decay_steps (staircase)
-  weight_decay: float = 0.0
-  activation: str | None = None  # sigmoid | relu; None: the model's default
-  dropout: float = 0.0
-  init_std: float = 0.1  # MLP weights ~ N(0, init_std²)
-  width: int = 4  # InceptionNet channel multiplier
-  bn_momentum: float = 0.99
-  eval_every: int = 1000
-  population_batches: int = 0  # >0: also evaluate with Algorithm 2's statistics over this many batches
-  checkpoint_every: int | None = None  # None: every 10,000 steps, rounded up to a multiple of eval_every
-  seed: int = 0
-  out: str = "runs/default"
+  # ---- data
+  dataset: str = _flag(
+    "a TFDS image-classification dataset by name (mnist and fashion_mnist read IDX files)", "fashion_mnist"
+  )
+  image_folder: str | None = _flag(
+    "train on your own images: DIR/train/CLASS/* and DIR/test/CLASS/* (instead of --dataset)"
+  )
+  idx_dir: str | None = _flag(
+    "mnist/fashion_mnist: the four IDX files (train-images-idx3-ubyte[.gz], ...); "
+    "prepared data from other files is rebuilt"
+  )
+  data_dir: str | None = _flag("TFDS data dir: prepared datasets are read and written here", "data")
+  input: str = _flag(
+    "where the training data lives: on every device (small datasets of one image shape), streamed "
+    "per host through grain, or auto (device when it fits)",
+    "auto",
+    INPUTS,
+  )
+  input_workers: int | None = _flag(
+    "stream: grain worker processes for decoding and augmentation (0: in this process; default: cores - 1, at most 8)"
+  )
+  image_size: int | None = _flag(
+    "the side of the square images the model sees (default: the images' own size; large-image recipes: 224)"
+  )
+  augment: str | None = _flag(
+    "training augmentation (default: none for mlp/inception; crop-flip for images up to 64 px, "
+    "random-resized-crop above)",
+    None,
+    AUGMENTATIONS,
+  )
+  normalize: str | None = _flag(
+    "pixels to x/255 (unit) or by the training split's per-channel mean and std (standardize)", None, NORMALIZATIONS
+  )
+  # ---- model and BN
+  model: str = _flag("the model", "mlp", tuple(MODELS))
+  bn: str = _flag("the BN mode", "none", tuple(BN_MODES))
+  bn_momentum: float | None = _flag("running-average decay of BN statistics (flax meaning)")
+  dtype: str = _flag(
+    "computation dtype (parameters, optimizer state and BN statistics stay float32)", "float32", DTYPES
+  )
+  zero_init_residual: bool = _flag(
+    "ResNets: start the last BN of each residual block with scale 0 (Goyal et al. 2017)", True
+  )
+  activation: str | None = _flag(
+    "mlp/inception: hidden activation (default: sigmoid for mlp, relu for inception)", None, (None, *ACTIVATIONS)
+  )
+  dropout: float = _flag("inception: dropout rate before the classifier", 0.0)
+  init_std: float = _flag("mlp: weights ~ N(0, init_std^2)", 0.1)
+  width: int = _flag("inception: channel multiplier", 4)
+  # ---- devices
+  parallel: str = _flag(
+    "how the step spans the devices: jax.jit over sharded arrays, jax.jit(jax.shard_map(...)) or jax.pmap",
+    "jit",
+    PARALLEL_STYLES,
+  )
+  devices: int | None = _flag("devices to use (on CPU: host devices to create; default: every device)")
+  batch_size: int | None = _flag("examples per device per step (global batch = this x devices)")
+  global_batch_size: int | None = _flag("examples per step over all devices (instead of --batch-size)")
+  # ---- optimization
+  steps: int | None = _flag("training steps (raise it with --resume to train longer)")
+  optimizer: str | None = _flag("optax optimizer (momentum: 0.9)", None, OPTIMIZERS)
+  nesterov: bool | None = _flag("Nesterov momentum (with --optimizer momentum)")
+  lr: float | None = _flag("peak learning rate")
+  schedule: str | None = _flag(
+    "learning rate over the run: constant, step (/10 at 50%% and 75%% of --steps) or cosine (to 0 at --steps)",
+    None,
+    SCHEDULES,
+  )
+  warmup_steps: int | None = _flag("linear warm-up from 0 over the first N steps")
+  lr_decay_steps: int = _flag("--schedule constant: multiply the rate by --lr-decay-rate every N steps (0: off)", 0)
+  lr_decay_rate: float = _flag("staircase decay factor", 1.0)
+  weight_decay: float | None = _flag("weight decay (L2) on kernels; never on BN's scale and bias or on biases")
+  label_smoothing: float | None = _flag("label smoothing of the cross-entropy")
+  # ---- evaluation, checkpoints
+  eval_every: int | None = _flag("evaluate on the whole test split every N steps")
+  population_batches: int = _flag(
+    "also evaluate with population statistics (paper Algorithm 2) over N training batches of the size BN "
+    "normalizes over in training (one device's for per-device BN); 0: off",
+    0,
+  )
+  checkpoint_every: int | None = _flag(
+    "checkpoint every N steps, a multiple of --eval-every (default: 10,000 rounded up to one), and at the end"
+  )
+  seed: int = _flag("random seed (initialization, data order, augmentation, dropout)", 0)
+  out: str = _flag("run directory", "runs/default")
   resume: bool = False
   progress: bool | None = None  # None: only on a terminal
 
   def __post_init__(self):
-    choices = dict(
-      dataset=DATASETS,
-      model=("mlp", "inception"),
-      bn=BN_MODES,
-      parallel=PARALLEL_STYLES,
-      optimizer=("sgd", "momentum", "adam"),
-      activation=(None, "sigmoid", "relu"),
-    )
-    for name, allowed in choices.items():
-      if getattr(self, name) not in allowed:
-        _fail(name, f"expected one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
-    for name in ("batch_size", "steps", "eval_every", "width"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        _fail(name, f"expected a positive integer, got {getattr(self, name)}")
-    if self.devices is not None and self.devices < 1:
-      _fail("devices", f"expected a positive integer, got {self.devices}")
-    if not isinstance(self.population_batches, int) or self.population_batches < 0:
-      _fail("population_batches", f"expected 0 (off) or a positive integer, got {self.population_batches}")
-    if self.population_batches and self.bn not in ("per-device", "sync"):
+    self._choose("model", MODELS)
+    recipe = MODELS[self.model].recipe
+    given_batch = self.batch_size is not None or self.global_batch_size is not None
+    for name, default in DEFAULTS.items():
+      if getattr(self, name) is None:
+        value = recipe.get(name, default)
+        if name in ("batch_size", "global_batch_size") and given_batch:
+          value = None  # one batch flag given: the recipe's other one does not apply
+        setattr(self, name, value)
+    self._check()
+
+  def _choose(self, name, allowed):
+    if getattr(self, name) not in allowed:
+      _fail(name, f"expected one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
+
+  def _check(self):
+    for field in dataclasses.fields(self):
+      choices = field.metadata.get("choices")
+      if choices and getattr(self, field.name) is not None:
+        self._choose(field.name, choices)
+    for name in ("steps", "eval_every", "width"):
+      _positive_int(name, getattr(self, name))
+    for name in ("batch_size", "global_batch_size", "devices", "image_size", "input_workers"):
+      if getattr(self, name) is not None:
+        _positive_int(name, getattr(self, name), zero=name == "input_workers")
+    if self.batch_size is not None and self.global_batch_size is not None:
+      _fail("global_batch_size", "give --batch-size (per device) or --global-batch-size, not both")
+    if self.batch_size is None and self.global_batch_size is None:
+      self.batch_size = 60
+    if self.image_folder is not None and self.idx_dir is not None:
+      _fail("idx_dir", "is for mnist/fashion_mnist, not --image-folder")
+    _positive_int("warmup_steps", self.warmup_steps, zero=True)
+    _positive_int("lr_decay_steps", self.lr_decay_steps, zero=True)
+    _positive_int("population_batches", self.population_batches, zero=True)
+    if self.population_batches and not BN_MODES[self.bn].has_population_statistics:
       _fail("population_batches", f"needs --bn per-device or sync (BN's training statistics), got --bn {self.bn}")
-    if self.lr_decay_steps < 0:
-      _fail("lr_decay_steps", f"expected 0 (off) or a positive integer, got {self.lr_decay_steps}")
+    if self.lr_decay_steps and self.schedule != "constant":
+      _fail("lr_decay_steps", f"is the staircase decay of --schedule constant, not --schedule {self.schedule}")
+    if self.warmup_steps >= self.steps and self.warmup_steps:
+      _fail("warmup_steps", f"expected fewer than --steps ({self.steps}), got {self.warmup_steps}")
+    if self.nesterov and self.optimizer != "momentum":
+      _fail("nesterov", f"needs --optimizer momentum, got {self.optimizer}")
     for name in ("lr", "init_std", "lr_decay_rate"):
       value = getattr(self, name)
       if not math.isfinite(value) or value <= 0:
         _fail(name, f"expected a finite positive number, got {value}")
     if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
       _fail("weight_decay", f"expected a finite number >= 0, got {self.weight_decay}")
+    if not 0 <= self.label_smoothing < 1:
+      _fail("label_smoothing", f"expected a value in [0, 1), got {self.label_smoothing}")
     if not 0 <= self.dropout < 1:
       _fail("dropout", f"expected a rate in [0, 1), got {self.dropout}")
     if not 0 <= self.bn_momentum <= 1:
@@ -91,11 +211,14 @@ class Config:
         "checkpoint_every",
         f"expected a positive multiple of --eval-every ({self.eval_every}), got {self.checkpoint_every}",
       )
-    if self.devices is not None and self.batch_size * self.devices > TRAIN_EXAMPLES:
-      _fail(
-        "batch_size",
-        f"{self.batch_size} per device x {self.devices} devices exceeds the {TRAIN_EXAMPLES} training examples",
-      )
+
+  def global_batch(self, num_devices: int) -> int:
+    """Examples per step over all devices; ConfigError if they do not split evenly."""
+    if self.global_batch_size is None:
+      return self.batch_size * num_devices
+    if self.global_batch_size % num_devices:
+      _fail("global_batch_size", f"{self.global_batch_size} does not split evenly over {num_devices} devices")
+    return self.global_batch_size
 
   def differences(self, other: Config) -> list[str]:
     """The flags (as --name value) of `self` that differ from `other`'s, but
@@ -114,11 +237,6 @@ def _fail(name: str, message: str):
   raise ConfigError(f"--{name.replace('_', '-')}: {message}")
 
 
-def statistics_batch(config: Config, num_devices: int) -> int:
-  """The examples one BN statistic is computed over in training."""
-  return config.batch_size * (num_devices if config.bn == "sync" else 1)
-
-
-def per_device_statistics(config: Config) -> bool:
-  """BN modes whose running statistics are kept per device (one row each)."""
-  return config.bn in ("per-device", "renorm")
+def _positive_int(name: str, value, zero: bool = False):
+  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
+    _fail(name, f"expected {'0 or ' if zero else ''}a positive integer, got {value}")

@@ -1,13 +1,9 @@
-"""The host loop: devices, data placement, evaluation records, checkpoints."""
+"""The host loop of a run: set up, restore, train in dispatches, evaluate, checkpoint."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,113 +15,17 @@ from tqdm import tqdm
 import jaxbn
 from trainer import data as data_lib
 from trainer import rundir, steps
-from trainer.config import Config, per_device_statistics, statistics_batch
+from trainer.bn_modes import BN_MODES
+from trainer.config import Config
+from trainer.distributed import setup_devices
+from trainer.input import Batches, DeviceFeed, Pixels, StreamFeed, eval_batches, eval_chunk, local_rows, plan_batches
 from trainer.parallel import Parallel
 from trainer.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
 
+__all__ = ["CheckpointError", "NonFiniteLossError", "setup_devices", "train_and_evaluate"]
+
 PERCENTILES = (15, 50, 85)
-EVAL_CHUNK = 500  # test examples per device per evaluation step
-
-
-def setup_devices(
-  config: Config, coordinator=None, num_processes=None, process_id=None, auto_detect=False, timeout: int = 120
-):
-  """Starts JAX (several processes if asked) and returns this process's devices to use.
-
-  Several processes: pass the coordinator, or `auto_detect` to let JAX find
-  the cluster (SLURM, TPU pods, ...). A process that cannot reach the others
-  within `timeout` seconds raises ConnectionError naming the address.
-  """
-  if config.devices:
-    jax.config.update("jax_num_cpu_devices", config.devices)
-  if auto_detect or coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    address = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the auto-detected coordinator"
-    if coordinator and process_id:
-      _wait_for(coordinator, timeout, process_id)
-    # JAX ends the process (a C++ abort, no Python exception) when the others
-    # do not all arrive in time: say beforehand what it waits for, and keep
-    # the abort's stack trace out of the way.
-    log = Path(tempfile.gettempdir()) / f"jaxbn-distributed-{os.getpid()}.log"
-    print(
-      f"process {process_id}: waiting up to {timeout} s (--connect-timeout) for "
-      f"{num_processes or 'all'} processes at {address}; JAX's own messages: {log}",
-      file=sys.stderr,
-      flush=True,
-    )
-    with _stderr_to(log):
-      jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=timeout,
-      )
-  devices = jax.local_devices()
-  if config.devices:
-    if len(devices) < config.devices:
-      raise ValueError(f"devices: asked for {config.devices}, this process has {len(devices)}.")
-    devices = devices[: config.devices]
-  return devices
-
-
-def _wait_for(address: str, timeout: int, process_id) -> None:
-  """A non-coordinator process: the coordinator's port must open within `timeout` s."""
-  host, port = address.rsplit(":", 1)
-  deadline = time.time() + timeout
-  while True:
-    try:
-      socket.create_connection((host, int(port)), timeout=5).close()
-      return
-    except OSError:
-      if time.time() > deadline:
-        raise ConnectionError(
-          f"process {process_id}: no coordinator at {address} within {timeout} s; start process 0 "
-          f"with the same --coordinator, or raise --connect-timeout."
-        ) from None
-      time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def _stderr_to(path: Path):
-  """Sends file descriptor 2 (where C++ code writes) to `path` for a while."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with open(path, "ab") as f:
-    os.dup2(f.fileno(), 2)
-  try:
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
-def _split_test_set(images, labels, num_devices, chunk):
-  """Pads the test set to whole chunks per device; `valid` marks real examples.
-  Every array gets a leading axis of one entry per device."""
-  n = images.shape[0]
-  per_device = -(-n // (num_devices * chunk)) * chunk
-  total = per_device * num_devices
-  pad = lambda a: np.concatenate([a, np.zeros((total - n, *a.shape[1:]), a.dtype)])
-  valid = np.arange(total) < n
-  shape = lambda a: a.reshape(num_devices, per_device, *a.shape[1:])
-  return shape(pad(images)), shape(pad(labels)), shape(valid)
-
-
-def population_batches(config: Config, images, num_devices: int):
-  """Algorithm 2's training batches: `config.population_batches` disjoint
-  batches of the size BN's statistics had in training, from a fixed sample of
-  the training set (the same one at every evaluation)."""
-  size = statistics_batch(config, num_devices)
-  count = min(config.population_batches, images.shape[0] // size)
-  order = np.random.default_rng(config.seed).permutation(images.shape[0])[: count * size]
-  return np.asarray(steps.preprocess(images[order])).reshape(count, size, *images.shape[1:])
-
-
-def with_population_statistics(state, model, batches):
-  """The (portable) state with its running averages replaced by Algorithm 2's
-  population statistics of its current weights."""
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, train=False))
+DISPATCH_SECONDS = 5.0  # device-resident path: about this much training per dispatch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,10 +36,57 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written."""
 
 
+class ArraySource:
+  """A split held in memory, read like a TFDS data source."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitems__(self, indices):
+    return [{"image": self.images[i], "label": int(self.labels[i])} for i in indices]
+
+
+def statistics_batch(config: Config, global_batch: int, num_devices: int) -> int:
+  """The examples one BN statistic is computed over in training."""
+  return global_batch // num_devices if BN_MODES[config.bn].per_device else global_batch
+
+
+def population_batches(config: Config, batches: Batches, source, pixels: Pixels, size: int) -> np.ndarray:
+  """Algorithm 2's training batches: the first `size` examples of each of the
+  first `config.population_batches` global batches of the run (the same ones
+  at every evaluation), preprocessed as training preprocesses them."""
+  count = min(config.population_batches, batches.steps_per_epoch)
+  return np.stack([pixels(batches.host_batch(source, step, range(size))[0]) for step in range(count)])
+
+
+def with_population_statistics(state, model, batches):
+  """The (portable) state with its running averages replaced by Algorithm 2's
+  population statistics of its current weights."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, train=False))
+
+
+def dispatch_steps(eval_every: int, step_seconds: float | None) -> int:
+  """Steps per dispatch of the device-resident path: the largest divisor of
+  --eval-every (so one compiled program serves) that runs in about
+  DISPATCH_SECONDS; 10 or fewer until a step has been timed."""
+  target = 10 if step_seconds is None else max(1, int(DISPATCH_SECONDS / max(step_seconds, 1e-9)))
+  return max(d for d in range(1, min(eval_every, target) + 1) if eval_every % d == 0)
+
+
+def _host_values(array) -> list[float]:
+  """A replicated vector's values (pmap: the first device's)."""
+  return np.asarray(array.addressable_shards[0].data, np.float64).reshape(-1).tolist()
+
+
 def train_and_evaluate(config: Config, devices=None) -> dict:
   """Trains as configured; returns the last metrics record.
 
   Raises `rundir.RunDirError` (before any work) when OUT holds another run,
+  `ConfigError` when the flags do not fit the data or the devices,
   `NonFiniteLossError` when the loss stops being finite, `CheckpointError`
   when a checkpoint cannot be saved; the last good checkpoint stays in both.
   """
@@ -147,19 +94,28 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   devices = devices or setup_devices(config)
   all_devices = devices if jax.process_count() == 1 else jax.devices()
   num_devices = len(all_devices)
-  global_batch = config.batch_size * num_devices
+  global_batch = config.global_batch(num_devices)
   primary = jax.process_index() == 0
   out = Path(config.out)
+
+  data = data_lib.open_dataset(
+    None if config.image_folder else config.dataset,
+    image_folder=config.image_folder,
+    data_dir=config.data_dir,
+    idx_dir=config.idx_dir,
+  )
+  batches, path = plan_batches(config, data, global_batch)
+  pixels = Pixels(*data.channel_stats()) if config.normalize == "standardize" else steps.UNIT
+  train_source, test_source = data.train, data.test
+  if path == "device":
+    train_images, train_labels = data_lib.read_split(data.train)
+    train_source = ArraySource(train_images, train_labels)
+    test_source = ArraySource(*data_lib.read_split(data.test))
+
+  model, optimizer = make_model(config, data.num_classes, num_devices), make_optimizer(config)
+  eval_model = make_model(config, data.num_classes)  # reads the pooled running statistics
+  state = create_train_state(config, batches.image_shape, num_classes=data.num_classes)
   out.mkdir(parents=True, exist_ok=True)
-
-  dataset = data_lib.load(config.dataset, data_dir=config.data_dir, idx_dir=config.idx_dir)
-  if global_batch > dataset.train_images.shape[0]:
-    raise ValueError(f"batch_size: {config.batch_size} x {num_devices} devices exceeds the training set.")
-  model, optimizer = make_model(config, num_devices), make_optimizer(config)
-  eval_model = make_model(config)  # reads the pooled running statistics
-  renorm_schedule = make_renorm_schedule(config)
-  state = create_train_state(config, dataset.train_images.shape[1:])
-
   checkpoints = ocp.CheckpointManager(
     (out / "checkpoints").absolute(),
     options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
@@ -172,82 +128,114 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     state = checkpoints.restore(resume_step, args=ocp.args.StandardRestore(state))
   if primary:
     rundir.write_config(config)  # on resume only --steps can have changed
+    rundir.write_data_info(out, data.num_classes, batches.image_shape, pixels)
   metrics = rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
 
-  parallel = Parallel(config.parallel, all_devices, per_device_bn=per_device_statistics(config))
+  parallel = Parallel(config.parallel, all_devices, per_device_bn=BN_MODES[config.bn].per_device)
   state = parallel.put_state(state)
-  train_images, train_labels = parallel.replicate((dataset.train_images, dataset.train_labels))
-  test_host = _split_test_set(dataset.test_images, dataset.test_labels, num_devices, EVAL_CHUNK)
-  test = parallel.shard(test_host)
-  valid = test_host[2].reshape(-1)
-  population = population_batches(config, dataset.train_images, num_devices) if config.population_batches else None
-
   step = int(resume_step or 0)
+  rows = local_rows(global_batch, all_devices, jax.process_index())
+  if path == "device":
+    feed = DeviceFeed(parallel, train_images, train_labels)
+  else:
+    feed = StreamFeed(parallel, train_source, batches, rows, step, config.steps, config.input_workers)
+  chunk_kwargs = dict(
+    model=model,
+    optimizer=optimizer,
+    batches=batches,
+    renorm_schedule=make_renorm_schedule(config),
+    pixels=pixels,
+    label_smoothing=config.label_smoothing,
+  )
+  per_device = global_batch // num_devices
+  local_devices = range(rows.start // per_device, rows.stop // per_device)
+  population = None
+  if config.population_batches:
+    size = statistics_batch(config, global_batch, num_devices)
+    population = population_batches(config, batches, train_source, pixels, size)
+
+  def evaluate(state):
+    test = eval_batches(test_source, batches, num_devices, local_devices, eval_chunk(batches.image_shape))
+    return parallel.evaluate(state, test, model=eval_model, pixels=pixels)
+
   # wall_time (seconds) continues across a resume
   start_time, last = time.time() - ((metrics.last or {}).get("wall_time") or 0.0), None
   show = config.progress if config.progress is not None else sys.stderr.isatty()
   bar = tqdm(total=config.steps, initial=step, disable=not show or not primary)
-  while step < config.steps:
-    num_steps = min(config.eval_every - step % config.eval_every, config.steps - step)
-    chunk = parallel.train_chunk(
-      state,
-      num_steps,
-      model=model,
-      optimizer=optimizer,
-      seed=config.seed,
-      global_batch=global_batch,
-      renorm_schedule=renorm_schedule,
-    )
-    t0 = time.time()
-    state, train_loss = chunk(state, train_images, train_labels)
-    train_loss = float(np.asarray(train_loss.addressable_shards[0].data).reshape(-1)[0])  # waits
-    steps_per_sec = num_steps / (time.time() - t0)  # training only, not the evaluation below
-    step += num_steps
-    state = parallel.synchronize(state)
-    sums, tracked = parallel.evaluate(state, *test, model=eval_model, chunk=EVAL_CHUNK)
-    record = {
-      "step": step,
-      "train_loss": train_loss,
-      "test_loss": sums["loss"] / sums["count"],
-      "test_accuracy": sums["correct"] / sums["count"],
-      "wall_time": time.time() - start_time,
-      "steps_per_sec": steps_per_sec,
-    }
-    if population is not None:
-      pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population)
-      pop_sums, _ = parallel.evaluate(parallel.put_state(pop_state), *test, model=eval_model, chunk=EVAL_CHUNK)
-      record.update(
-        test_loss_population=pop_sums["loss"] / pop_sums["count"],
-        test_accuracy_population=pop_sums["correct"] / pop_sums["count"],
-      )
-    if config.model == "mlp":
-      values = tracked[valid]
-      record.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True)})
-    metrics.write(record)
-    bar.update(num_steps)
-    bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{train_loss:.4f}")
-    if not math.isfinite(train_loss):
-      bar.close()
-      kept = checkpoints.latest_step()
-      raise NonFiniteLossError(
-        f"step {step}: the training loss is {train_loss}; the run stopped "
-        f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
-        f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std."
-      )
-    if step % config.checkpoint_every == 0 or step == config.steps:
-      try:
-        checkpoints.save(step, args=ocp.args.StandardSave(parallel.portable_state(state)))
-      except Exception as error:
-        bar.close()
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+  step_seconds, dispatches, losses = None, 0, []
+  period_start = time.time()
+  try:
+    while step < config.steps:
+      until_eval = config.eval_every - step % config.eval_every
+      num_steps = 1 if feed.path == "stream" else dispatch_steps(config.eval_every, step_seconds)
+      num_steps = min(num_steps, until_eval, config.steps - step)
+      program = parallel.train_chunk(state, num_steps, resident=feed.path == "device", **chunk_kwargs)
+      t0 = time.time()
+      state, loss = program(state, *feed.chunk_inputs(step, num_steps))
+      losses.append(loss)
+      step, dispatches = step + num_steps, dispatches + 1
+      bar.update(num_steps)
+      if feed.path == "device" and dispatches == 2:  # compiled by now: time one step
+        jax.block_until_ready(loss)
+        step_seconds = (time.time() - t0) / num_steps
+      if step % config.eval_every and step < config.steps:
+        continue
+      # Exact sum of every step's loss: the same whatever the dispatches were (resume).
+      per_step = [value for losses_of_dispatch in losses for value in _host_values(losses_of_dispatch)]  # waits
+      train_loss = math.fsum(per_step) / len(per_step)
+      steps_per_sec = len(per_step) / (time.time() - period_start)  # training only
+      losses = []
+      state = parallel.synchronize(state)
+      sums, tracked = evaluate(state)
+      record = {
+        "step": step,
+        "train_loss": train_loss,
+        "test_loss": sums["loss"] / sums["count"],
+        "test_accuracy": sums["correct"] / sums["count"],
+        "wall_time": time.time() - start_time,
+        "steps_per_sec": steps_per_sec,
+      }
+      if population is not None:
+        pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population)
+        pop_sums, _ = evaluate(parallel.put_state(pop_state))
+        record.update(
+          test_loss_population=pop_sums["loss"] / pop_sums["count"],
+          test_accuracy_population=pop_sums["correct"] / pop_sums["count"],
+        )
+      if config.model == "mlp":
+        record.update(
+          {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(tracked, PERCENTILES), strict=True)}
+        )
+      metrics.write(record)
+      bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{train_loss:.4f}")
+      if not math.isfinite(train_loss):
         kept = checkpoints.latest_step()
-        raise CheckpointError(
-          f"step {step}: the checkpoint could not be saved under {out / 'checkpoints'} "
-          f"({type(error).__name__}: {reason}); "
-          f"{'the checkpoint of step ' + str(kept) + ' is kept' if kept else 'no earlier checkpoint exists'}."
-          f" Free space or fix permissions, then run again with --resume."
-        ) from error
-    last = record
-  bar.close()
+        raise NonFiniteLossError(
+          f"step {step}: the training loss is {train_loss}; the run stopped "
+          f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
+          f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std."
+        )
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        _save(checkpoints, step, parallel.portable_state(state), out)
+      last = record
+      period_start = time.time()
+  finally:
+    bar.close()
+    feed.close()
   checkpoints.wait_until_finished()
+  assert last is not None
   return last
+
+
+def _save(checkpoints, step: int, state, out: Path) -> None:
+  try:
+    checkpoints.save(step, args=ocp.args.StandardSave(state))
+  except Exception as error:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    kept = checkpoints.latest_step()
+    raise CheckpointError(
+      f"step {step}: the checkpoint could not be saved under {out / 'checkpoints'} "
+      f"({type(error).__name__}: {reason}); "
+      f"{'the checkpoint of step ' + str(kept) + ' is kept' if kept else 'no earlier checkpoint exists'}."
+      f" Free space or fix permissions, then run again with --resume."
+    ) from error

@@ -49,6 +49,7 @@ class Parallel:
     self.local = style != "jit"
     self.devices = list(devices)
     self.num_devices = len(self.devices)
+    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
     self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,), axis_types=(AxisType.Explicit,))
     self._jitted = {}
 
@@ -133,64 +134,98 @@ class Parallel:
 
     return run
 
-  def train_chunk(self, state, num_steps: int, **kwargs):
-    """A program (state, images, labels) -> (state, mean loss) of num_steps steps."""
-    key = ("chunk", num_steps)
+  def train_chunk(self, state, num_steps: int, resident: bool, **kwargs):
+    """A program (state, images, labels) -> (state, mean loss) of num_steps steps.
+
+    `resident`: images/labels are the whole training split, replicated
+    (`replicate`); otherwise the steps' batches placed by `put_batches`.
+    """
+    key = ("chunk", num_steps, resident)
     if key not in self._jitted:
       specs = self._state_specs(state) if self.style == "shard_map" else None
+      data = P() if resident else P(None, AXIS)
       fn = functools.partial(
         steps.train_chunk,
         num_steps=num_steps,
         num_devices=self.num_devices,
         local=self.local,
+        resident=resident,
         **kwargs,
         batch_sharding=None if self.local else P(AXIS),
       )
-      self._jitted[key] = self._wrap(fn, (specs, P(), P()), (specs, P()), donate=(0,))
+      self._jitted[key] = self._wrap(fn, (specs, data, data), (specs, P()), donate=(0,))
     return self._jitted[key]
 
-  def evaluate(self, state, images, labels, valid, *, model, chunk: int):
-    """Sums over the test set (host floats) and the tracked values of every example.
+  def put_batches(self, images: np.ndarray, labels: np.ndarray):
+    """This process's rows of `num_steps` global batches, (num_steps, rows, ...) each,
+    as the inputs of a streamed `train_chunk` program."""
+    if self.style == "pmap":  # (devices, num_steps, per_device, ...): pmap places each device's share
+      local = len(self.local_devices)
+      split = lambda a: np.moveaxis(a.reshape(a.shape[0], local, -1, *a.shape[2:]), 1, 0)
+      return split(images), split(labels)
+    sharding = NamedSharding(self.mesh, P(None, AXIS))
+    place = lambda a: jax.make_array_from_process_local_data(
+      sharding, a, (a.shape[0], a.shape[1] * self.num_devices // len(self.local_devices), *a.shape[2:])
+    )
+    return place(images), place(labels)
 
-    `model` is the portable one (`make_model(config)`): evaluation reads one
-    set of running statistics, the pooled one (call after `synchronize`).
+  def evaluate(self, state, batches, *, model, pixels):
+    """Sums over the test set (host floats) and the tracked values of its examples.
+
+    `batches` yields this process's devices' shares (local_devices, chunk, ...)
+    of images, labels and `valid`. `model` is the portable one
+    (`make_model(config)`): evaluation reads one set of running statistics, the
+    pooled one (call after `synchronize`).
     """
     if "eval" not in self._jitted:
 
       def pooled(s):
         if not self.per_device_bn:
           return s
-        rows = (lambda a: a[0]) if self.local else (lambda a: a)  # local: this device's row
-        return s.replace(
-          batch_stats=_pool_rows(jax.tree.map(rows, s.batch_stats))
-          if not self.local
-          else jax.tree.map(rows, s.batch_stats)
-        )
+        if self.local:  # this device's row, already the pooled set
+          return s.replace(batch_stats=jax.tree.map(lambda a: a[0], s.batch_stats))
+        return s.replace(batch_stats=_pool_rows(s.batch_stats))
 
       if self.local:
 
-        def fn(s, *data):
-          if self.style == "shard_map":  # this device's (1, per_device, ...) share
-            data = tuple(d[0] for d in data)
-          sums, tracked = steps.eval_step(pooled(s), *data, model=model, chunk=chunk, local=True)
+        def fn(s, images, labels, valid):
+          if self.style == "shard_map":  # this device's (1, chunk, ...) share
+            images, labels, valid = images[0], labels[0], valid[0]
+          sums, tracked = steps.eval_step(pooled(s), images, labels, valid, model, True, pixels)
           return sums, (tracked[None] if self.style == "shard_map" else tracked)
 
         specs = self._state_specs(state) if self.style == "shard_map" else None
         self._jitted["eval"] = self._wrap(fn, (specs, P(AXIS), P(AXIS), P(AXIS)), (P(), P(AXIS)))
       else:  # under jit: every device's share at once, then the sums
 
-        def fn(s, *data):
+        def fn(s, images, labels, valid):
           per_device = jax.vmap(
-            functools.partial(steps.eval_step, model=model, chunk=chunk, local=False), in_axes=(None, 0, 0, 0)
+            functools.partial(steps.eval_step, model=model, local=False, pixels=pixels), in_axes=(None, 0, 0, 0)
           )
-          sums, tracked = per_device(pooled(s), *data)
+          sums, tracked = per_device(pooled(s), images, labels, valid)
           return jax.tree.map(lambda a: a.sum(0), sums), tracked
 
         self._jitted["eval"] = self._wrap(fn, None, None)
-    sums, tracked = self._jitted["eval"](state, images, labels, valid)
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    tracked_all = []
     read = _host_first if self.style == "pmap" else _host
-    sums = jax.tree.map(lambda a: float(read(a)), sums)
-    return sums, np.asarray(multihost_utils.process_allgather(tracked, tiled=True)).reshape(-1)
+    for images, labels, valid in batches:
+      sums, tracked = self._jitted["eval"](state, *self._put_local_rows((images, labels, valid)))
+      for name, value in sums.items():
+        totals[name] += float(read(value))
+      tracked = np.asarray(multihost_utils.process_allgather(tracked, tiled=True)).reshape(-1)
+      valid = np.asarray(multihost_utils.process_allgather(valid, tiled=True)).reshape(-1)
+      tracked_all.append(tracked[valid])
+    return totals, np.concatenate(tracked_all)
+
+  def _put_local_rows(self, tree):
+    """Arrays with a leading axis of this process's devices -> one entry per device globally."""
+    if self.style == "pmap":
+      return tree
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(sharding, a, (self.num_devices, *a.shape[1:])), tree
+    )
 
   def synchronize(self, state):
     """Per-device BN: every device's running statistics := the pooled ones."""

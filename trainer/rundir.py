@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from trainer.config import Config
 
 
@@ -80,3 +82,19 @@ class Metrics:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def write_data_info(out: Path, num_classes: int, image_shape, pixels) -> None:
+  """OUT/data.json: what the model was built for and how pixels were scaled,
+  so that a checkpoint can be used without opening the dataset."""
+  info = {
+    "num_classes": num_classes,
+    "image_shape": list(image_shape),
+    "pixel_mean": np.asarray(pixels.mean).tolist(),
+    "pixel_std": np.asarray(pixels.std).tolist(),
+  }
+  (out / "data.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def read_data_info(out: Path) -> dict:
+  return json.loads((Path(out) / "data.json").read_text())

@@ -8,7 +8,6 @@ per-device BN and pools it back.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -18,10 +17,11 @@ from flax import linen as nn
 from flax import struct
 
 import jaxbn
-from trainer.config import Config, per_device_statistics
-from trainer.models import MLP, InceptionNet
+from trainer.bn_modes import AXIS, BN_MODES
+from trainer.config import STEP_DECAY_AT, Config
+from trainer.models import MODELS
 
-AXIS = "batch"  # the device axis of every parallel style
+__all__ = ["AXIS", "TrainState", "create_train_state", "learning_rate", "make_model", "make_optimizer"]
 
 
 class TrainState(struct.PyTreeNode):
@@ -31,34 +31,12 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
-def make_model(config: Config, num_devices: int | None = None) -> nn.Module:
-  """The configured model as a parallel style runs it.
-
-  Per-device BN (and Batch Renorm, `--bn renorm`, per device) keeps one
-  row of running statistics per device
-  (`batch_groups=num_devices`): under jit each device's shard of the batch
-  is one group; under shard_map and pmap each device sees its own row. Synced
-  BN names the device axis, except under jit, where a plain reduction over
-  the sharded batch already is the global one. Without `num_devices`: the
-  model that evaluates the portable state (no groups, no axis).
-  """
-  norm = None
-  if config.bn != "none":
-    kwargs = {}
-    if num_devices is not None and per_device_statistics(config):
-      kwargs["batch_groups"] = num_devices
-    if num_devices is not None and config.bn == "sync" and config.parallel != "jit":
-      kwargs["axis_name"] = AXIS
-    layer = jaxbn.BatchNorm
-    if config.bn == "renorm":
-      layer = jaxbn.BatchRenorm
-      if num_devices is not None and config.parallel != "jit":  # each device holds its own row
-        kwargs["stats_axis_name"] = AXIS
-    norm = functools.partial(layer, momentum=config.bn_momentum, **kwargs)
-  activation = {"sigmoid": nn.sigmoid, "relu": nn.relu, None: None}[config.activation]
-  if config.model == "mlp":
-    return MLP(norm=norm, init_std=config.init_std, activation=activation or nn.sigmoid)
-  return InceptionNet(norm=norm, dropout=config.dropout, width=config.width, activation=activation or nn.relu)
+def make_model(config: Config, num_classes: int = 10, num_devices: int | None = None) -> nn.Module:
+  """The configured model as a parallel style runs it over `num_devices`
+  devices (see `bn_modes`); without `num_devices`: the model that evaluates
+  the portable state (one set of statistics, no groups, no axis)."""
+  norm = BN_MODES[config.bn].norm(config.bn_momentum, num_devices, config.parallel)
+  return MODELS[config.model].build(config, norm, num_classes, jnp.dtype(config.dtype))
 
 
 def make_renorm_schedule(config: Config):
@@ -70,26 +48,45 @@ def make_renorm_schedule(config: Config):
   return jaxbn.renorm_schedule(max(config.steps // 2, 1), warmup_steps=config.steps // 10)
 
 
+def learning_rate(config: Config) -> optax.Schedule:
+  """Step -> learning rate: the --schedule after a linear --warmup-steps from 0."""
+  lr, warmup, steps = config.lr, config.warmup_steps, config.steps
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=0.0)
+  if config.schedule == "step":
+    main = optax.piecewise_constant_schedule(lr, {round(share * steps) - warmup: 0.1 for share in STEP_DECAY_AT})
+  elif config.lr_decay_steps:
+    main = optax.exponential_decay(lr, config.lr_decay_steps, config.lr_decay_rate, staircase=True)
+  else:
+    main = optax.constant_schedule(lr)
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def _decayed(params):
+  """Weight decay applies to kernels (rank > 1), never to BN's scale and bias or to biases."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-  lr = config.lr
-  if config.lr_decay_steps:
-    lr = optax.exponential_decay(config.lr, config.lr_decay_steps, config.lr_decay_rate, staircase=True)
-  update = {
-    "sgd": lambda: optax.sgd(lr),
-    "momentum": lambda: optax.sgd(lr, momentum=0.9),
-    "adam": lambda: optax.adam(lr),
-  }[config.optimizer]()
+  lr = learning_rate(config)
+  if config.optimizer == "adam":
+    update = optax.adam(lr)
+  else:
+    update = optax.sgd(lr, momentum=0.9 if config.optimizer == "momentum" else None, nesterov=bool(config.nesterov))
   if not config.weight_decay:
     return update
-  kernels = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels), update)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decayed), update)
 
 
-def create_train_state(config: Config, image_shape, model: nn.Module | None = None) -> TrainState:
+def create_train_state(
+  config: Config, image_shape, model: nn.Module | None = None, num_classes: int = 10
+) -> TrainState:
   """The portable initial state (running statistics of the feature shape) of
   `model`, by default the configured one."""
   key = jax.random.key(config.seed)
-  model = make_model(config) if model is None else model
+  model = make_model(config, num_classes) if model is None else model
   variables = model.init({"params": key, "dropout": key}, jnp.zeros((2, *image_shape)), train=False)
   params = variables["params"]
   return TrainState(

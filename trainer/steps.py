@@ -1,4 +1,4 @@
-"""Training and evaluation steps, written once for every parallel style.
+"""Training and evaluation steps, written once for every parallel style and input path.
 
 `local=True`: the function runs per device (shard_map, pmap) on this
 device's share and talks to the others over the axis `AXIS`; `local=False`:
@@ -17,12 +17,10 @@ from flax import linen as nn
 from jax import lax
 
 import jaxbn
+from trainer.input import Batches, Pixels
 from trainer.state import AXIS, TrainState
 
-
-def preprocess(images):
-  """uint8 pixels -> float32 in [0, 1]."""
-  return images.astype(jnp.float32) / 255.0
+UNIT = Pixels(0.0, 255.0)  # x / 255: the paper models' input
 
 
 def _varying(tree):
@@ -49,8 +47,27 @@ def _with_renorm_limits(limits):
   return nn.intercept_methods(intercept)
 
 
-def train_step(state: TrainState, images, labels, model, optimizer, dropout_key, local: bool, renorm_schedule=None):
-  """One optimizer step on the batch (this device's share when `local`).
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Mean cross-entropy of integer labels, optionally against smoothed targets."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def train_step(
+  state: TrainState,
+  images,
+  labels,
+  model,
+  optimizer,
+  dropout_key,
+  local: bool,
+  renorm_schedule=None,
+  pixels: Pixels = UNIT,
+  label_smoothing: float = 0.0,
+):
+  """One optimizer step on the batch of uint8 images (this device's share when `local`).
 
   `renorm_schedule`: step -> (r_max, d_max) for the model's BatchRenorm layers.
   """
@@ -60,13 +77,12 @@ def train_step(state: TrainState, images, labels, model, optimizer, dropout_key,
     with limits:
       (logits, _), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats},
-        preprocess(images),
+        pixels(images),
         train=True,
         mutable=["batch_stats"],
         rngs={"dropout": dropout_key},
       )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, updates.get("batch_stats", {})
+    return cross_entropy(logits, labels, label_smoothing), updates.get("batch_stats", {})
 
   if local:
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(_varying(state.params))
@@ -79,85 +95,74 @@ def train_step(state: TrainState, images, labels, model, optimizer, dropout_key,
   return state, (lax.pmean(loss, AXIS) if local else loss)
 
 
-def _epoch_permutation(key, epoch, n):
-  return jax.random.permutation(jax.random.fold_in(key, epoch), n)
-
-
 def train_chunk(
   state,
   images,
   labels,
   *,
   num_steps,
-  model,
-  optimizer,
-  seed,
-  global_batch,
+  batches: Batches,
   num_devices,
   local,
+  resident: bool,
   batch_sharding=None,
-  renorm_schedule=None,
+  **step_kwargs,
 ):
-  """`num_steps` steps in one dispatch, drawing batches on device.
+  """`num_steps` steps in one dispatch; returns the state and each step's loss.
 
-  Epoch e visits the training set in the order of a permutation seeded by
-  (seed, e); the global batch of step s is its slice s, and device d takes
-  rows d*B..(d+1)*B of it (under jit: the global batch is sharded so).
-  Everything depends on the step only, so a resumed run draws exactly the
-  batches an uninterrupted one would, in every parallel style.
+  `resident`: images/labels are the whole training split (on every device) and
+  each step draws its batch with `batches.device_batch`; otherwise they are
+  the steps' batches, stacked on a leading axis of `num_steps`. Device d takes
+  rows d*B..(d+1)*B of the global batch (under jit: the batch is sharded so).
+  The dropout key depends on the step (and the device) only.
   """
-  n = images.shape[0]
-  per_epoch = n // global_batch
-  per_device = global_batch // num_devices
-  data_key, dropout_root = jax.random.split(jax.random.key(seed + 1))
+  per_device = batches.global_batch // num_devices
+  _, dropout_root = jax.random.split(jax.random.key(batches.seed + 1))
+  device = lax.axis_index(AXIS) if local else 0
+
+  def step(state, batch_images, batch_labels):
+    dropout_key = jax.random.fold_in(dropout_root, state.step)
+    if local:
+      dropout_key = jax.random.fold_in(dropout_key, device)
+    elif batch_sharding is not None:
+      batch_images = jax.sharding.reshard(batch_images, batch_sharding)
+      batch_labels = jax.sharding.reshard(batch_labels, batch_sharding)
+    return train_step(state, batch_images, batch_labels, dropout_key=dropout_key, local=local, **step_kwargs)
+
+  if not resident:
+    return lax.scan(lambda s, batch: step(s, *batch), state, (images, labels), length=num_steps)
+
+  positions = device * per_device + jnp.arange(per_device) if local else jnp.arange(batches.global_batch)
 
   def body(carry, _):
-    state, epoch, perm = carry
-    step = state.step
-    step_epoch = step // per_epoch
-    perm = lax.cond(step_epoch == epoch, lambda: perm, lambda: _epoch_permutation(data_key, step_epoch, n))
-    start = (step % per_epoch) * global_batch
-    dropout_key = jax.random.fold_in(dropout_root, step)
-    if local:
-      device = lax.axis_index(AXIS)
-      idx = lax.dynamic_slice(perm, (start + device * per_device,), (per_device,))
-      dropout_key = jax.random.fold_in(dropout_key, device)
-      batch_images, batch_labels = images[idx], labels[idx]
-    else:
-      idx = lax.dynamic_slice(perm, (start,), (global_batch,))
-      batch_images, batch_labels = images[idx], labels[idx]
-      if batch_sharding is not None:
-        batch_images = jax.sharding.reshard(batch_images, batch_sharding)
-        batch_labels = jax.sharding.reshard(batch_labels, batch_sharding)
-    state, loss = train_step(state, batch_images, batch_labels, model, optimizer, dropout_key, local, renorm_schedule)
-    return (state, step_epoch, perm), loss
+    state, epoch, permutation = carry
+    step_epoch = state.step // batches.steps_per_epoch
+    permutation = lax.cond(
+      step_epoch == epoch, lambda: permutation, lambda: batches.permutation(step_epoch, jnp).astype(permutation.dtype)
+    )
+    batch = batches.device_batch(images, labels, state.step, positions, permutation)
+    state, loss = step(state, *batch)
+    return (state, step_epoch, permutation), loss
 
-  epoch = state.step // per_epoch
-  carry = (state, epoch, _epoch_permutation(data_key, epoch, n))
+  epoch = state.step // batches.steps_per_epoch
+  carry = (state, epoch, batches.permutation(epoch, jnp))
   (state, _, _), losses = lax.scan(body, carry, None, length=num_steps)
-  return state, losses.mean()
+  return state, losses
 
 
-def eval_step(state: TrainState, images, labels, valid, model, chunk: int, local: bool):
-  """Loss and accuracy sums over the test examples given (running statistics),
+def eval_step(state: TrainState, images, labels, valid, model, local: bool, pixels: Pixels = UNIT):
+  """Loss and accuracy sums over the valid test examples given (running statistics),
   and the pre-activation of unit 0 of the last hidden layer per example (MLP).
 
   `local`: this device's share, sums over every device (psum).
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-
-  def body(_, batch):
-    x, y, v = batch
-    logits, extras = model.apply(variables, preprocess(x), train=False)
-    # log_softmax, not optax's loss: under jit-style evaluation (vmap over the
-    # device-sharded axis of an Explicit mesh) optax's logsumexp select fails
-    # JAX's sharding check for some models (the sigmoid Inception net).
-    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
-    correct = jnp.argmax(logits, -1) == y
-    tracked = extras.get("last_preactivation", jnp.zeros((x.shape[0], 1)))[:, 0]
-    return None, (jnp.sum(jnp.where(v, loss, 0)), jnp.sum(v & correct), tracked)
-
-  reshape = lambda a: a.reshape(-1, chunk, *a.shape[1:])
-  _, (loss, correct, tracked) = lax.scan(body, None, (reshape(images), reshape(labels), reshape(valid)))
-  sums = {"loss": loss.sum(), "correct": correct.sum(), "count": valid.sum()}
-  return (lax.psum(sums, AXIS) if local else sums), tracked.reshape(-1)
+  logits, extras = model.apply(variables, pixels(images), train=False)
+  # log_softmax, not optax's loss: under jit-style evaluation (vmap over the
+  # device-sharded axis of an Explicit mesh) optax's logsumexp select fails
+  # JAX's sharding check for some models (the sigmoid Inception net).
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+  correct = jnp.argmax(logits, -1) == labels
+  tracked = extras.get("last_preactivation", jnp.zeros((images.shape[0], 1)))[:, 0]
+  sums = {"loss": jnp.sum(jnp.where(valid, loss, 0)), "correct": jnp.sum(valid & correct), "count": valid.sum()}
+  return (lax.psum(sums, AXIS) if local else sums), tracked

@@ -1,11 +1,114 @@
-"""The paper's models, with the normalization layer injected.
+"""The models train.py trains, one registry entry each, with the recipe it was published with.
 
-`norm` is a callable that makes a BN layer, e.g.
-`functools.partial(jaxbn.BatchNorm, momentum=0.9, axis_name="batch")`, or None
-for no normalization. Models take `train` and return `(logits, extras)`.
+A model is built from the run's configuration and a `norm`: a callable that
+makes a BN layer (a `functools.partial` of `jaxbn.BatchNorm` with the run's BN
+mode, as flax's examples/imagenet injects its norm), or None for no
+normalization. Every model takes `(x, train)` with x of shape (N, H, W, C) and
+returns `(logits, extras)`, logits in float32 whatever the computation dtype.
+
+Adding a model is one entry in MODELS: how to build it and its recipe (the
+defaults of the training flags it is known to train with).
 """
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from flax import linen as nn
 
 from trainer.models.inception import InceptionNet
 from trainer.models.mlp import MLP
+from trainer.models.resnet import ResNet18, ResNet20, ResNet32, ResNet34, ResNet50, ResNet56
 
-__all__ = ["MLP", "InceptionNet"]
+__all__ = ["ACTIVATIONS", "MLP", "MODELS", "InceptionNet", "ModelSpec"]
+
+ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """build(config, norm, num_classes, dtype) -> the Linen module; recipe: flag defaults."""
+
+  build: Callable[[Any, Any, int, Any], nn.Module]
+  recipe: dict[str, Any]
+  summary: str
+
+
+# The paper's Figure 1 run (§4.1): batch 60, 50,000 steps; optimizer and rate are E1's first setting.
+PAPER_MLP = dict(batch_size=60, steps=50_000, optimizer="sgd", lr=0.5, eval_every=1000, bn_momentum=0.99)
+# He et al. 2016, §4.2 (CIFAR-10): batch 128, SGD momentum 0.9, lr 0.1 divided by 10 at
+# 32k and 48k of 64k iterations, weight decay 1e-4, pad-and-crop + flip.
+CIFAR_RESNET = dict(
+  global_batch_size=128,
+  steps=64_000,
+  optimizer="momentum",
+  lr=0.1,
+  schedule="step",
+  weight_decay=1e-4,
+  eval_every=2000,
+  bn_momentum=0.9,
+  normalize="standardize",
+)
+# flax's examples/imagenet (after Goyal et al. 2017): batch 256 with lr 0.1 (scale with the
+# batch), Nesterov momentum 0.9, 5 warm-up epochs then cosine to 0 over 100 epochs
+# (ImageNet: 5,004 steps per epoch at 256), weight decay 1e-4, 224 px.
+IMAGENET_RESNET = dict(
+  global_batch_size=256,
+  steps=500_400,
+  optimizer="momentum",
+  nesterov=True,
+  lr=0.1,
+  schedule="cosine",
+  warmup_steps=25_020,
+  weight_decay=1e-4,
+  eval_every=5004,
+  bn_momentum=0.9,
+  normalize="standardize",
+  image_size=224,
+)
+
+
+def _mlp(c, norm, num_classes, dtype):
+  return MLP(
+    norm=norm,
+    init_std=c.init_std,
+    activation=ACTIVATIONS[c.activation or "sigmoid"],
+    num_classes=num_classes,
+    dtype=dtype,
+  )
+
+
+def _inception(c, norm, num_classes, dtype):
+  return InceptionNet(
+    norm=norm,
+    dropout=c.dropout,
+    width=c.width,
+    activation=ACTIVATIONS[c.activation or "relu"],
+    num_classes=num_classes,
+    dtype=dtype,
+  )
+
+
+def _resnet(cls):
+  def build(c, norm, num_classes, dtype):
+    return cls(norm=norm, num_classes=num_classes, dtype=dtype, zero_init_residual=c.zero_init_residual)
+
+  return build
+
+
+MODELS: dict[str, ModelSpec] = {
+  "mlp": ModelSpec(_mlp, PAPER_MLP, "the paper's MLP 784-100-100-100-10 (sigmoid; §4.1)"),
+  "inception": ModelSpec(
+    _inception,
+    dict(batch_size=32, steps=10_000, optimizer="momentum", lr=0.01, eval_every=500, bn_momentum=0.99),
+    "a small Inception-style convnet (paper §4.2, scaled down)",
+  ),
+  "resnet20": ModelSpec(_resnet(ResNet20), CIFAR_RESNET, "CIFAR ResNet-20 (He et al. 2016 §4.2; 0.27M parameters)"),
+  "resnet32": ModelSpec(_resnet(ResNet32), CIFAR_RESNET, "CIFAR ResNet-32 (0.46M parameters)"),
+  "resnet56": ModelSpec(_resnet(ResNet56), CIFAR_RESNET, "CIFAR ResNet-56 (0.85M parameters)"),
+  "resnet18": ModelSpec(_resnet(ResNet18), IMAGENET_RESNET, "ResNet-18 v1.5 (ImageNet; flax's examples/imagenet)"),
+  "resnet34": ModelSpec(_resnet(ResNet34), IMAGENET_RESNET, "ResNet-34 v1.5"),
+  "resnet50": ModelSpec(_resnet(ResNet50), IMAGENET_RESNET, "ResNet-50 v1.5 (flax's examples/imagenet variables)"),
+}

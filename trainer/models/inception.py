@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +17,15 @@ class ConvUnit(nn.Module):
   kernel: int
   norm: Callable[..., nn.Module] | None
   activation: Callable[[jax.Array], jax.Array]
+  dtype: Any = jnp.float32
   strides: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(
-      self.features, (self.kernel, self.kernel), strides=self.strides, padding="SAME", use_bias=self.norm is None
-    )(x)
+    k = (self.kernel, self.kernel)
+    x = nn.Conv(self.features, k, strides=self.strides, padding="SAME", use_bias=self.norm is None, dtype=self.dtype)(x)
     if self.norm is not None:
-      x = self.norm(use_running_average=not train)(x)
+      x = self.norm(use_running_average=not train, dtype=self.dtype)(x)
     return self.activation(x)
 
 
@@ -39,10 +40,11 @@ class InceptionModule(nn.Module):
   pool_proj: int
   norm: Callable[..., nn.Module] | None
   activation: Callable[[jax.Array], jax.Array]
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    unit = lambda f, k: ConvUnit(f, k, self.norm, self.activation)
+    unit = lambda f, k: ConvUnit(f, k, self.norm, self.activation, self.dtype)
     b1 = unit(self.branch1, 1)(x, train)
     b3 = unit(self.branch3, 3)(unit(self.reduce3, 1)(x, train), train)
     b33 = unit(self.reduce33, 1)(x, train)
@@ -63,11 +65,13 @@ class InceptionNet(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dropout: float = 0.0
   width: int = 4
+  dtype: Any = jnp.float32  # of the computation; parameters stay float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     if x.ndim == 3:
       x = x[..., None]
+    x = x.astype(self.dtype)
     w = self.width
     module = lambda scale: InceptionModule(
       2 * scale * w // 2,
@@ -78,8 +82,9 @@ class InceptionNet(nn.Module):
       scale * w // 2,
       self.norm,
       self.activation,
+      self.dtype,
     )
-    x = ConvUnit(2 * w, 3, self.norm, self.activation)(x, train)  # 28x28
+    x = ConvUnit(2 * w, 3, self.norm, self.activation, self.dtype)(x, train)  # 28x28
     x = nn.max_pool(x, (2, 2), strides=(2, 2))  # 14x14
     x = module(2)(x, train)
     x = module(2)(x, train)
@@ -93,4 +98,4 @@ class InceptionNet(nn.Module):
       keep = 1.0 - self.dropout
       mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
       x = jnp.where(mask, x / keep, 0.0)
-    return nn.Dense(self.num_classes)(x), {}
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32), {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 
@@ -24,16 +26,17 @@ class MLP(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.sigmoid
   norm: Callable[..., nn.Module] | None = None
   init_std: float = 0.1
+  dtype: Any = jnp.float32  # of the computation; parameters stay float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = x.reshape(x.shape[0], -1)
+    x = x.reshape(x.shape[0], -1).astype(self.dtype)
     init = nn.initializers.normal(self.init_std)
     preactivation = x
     for width in self.hidden:
-      preactivation = nn.Dense(width, use_bias=self.norm is None, kernel_init=init)(x)
+      preactivation = nn.Dense(width, use_bias=self.norm is None, kernel_init=init, dtype=self.dtype)(x)
       if self.norm is not None:
-        preactivation = self.norm(use_running_average=not train)(preactivation)
+        preactivation = self.norm(use_running_average=not train, dtype=self.dtype)(preactivation)
       x = self.activation(preactivation)
-    logits = nn.Dense(self.num_classes, kernel_init=init)(x)
-    return logits, {"last_preactivation": preactivation}
+    logits = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype)(x)
+    return logits.astype(jnp.float32), {"last_preactivation": preactivation}

@@ -1,38 +1,34 @@
-"""MNIST and Fashion-MNIST by name, through tensorflow-datasets, no TensorFlow.
+"""MNIST and Fashion-MNIST from their IDX files, as TFDS builders (no TensorFlow).
 
-The TFDS builders here read the four IDX files of a dataset, from the first of:
+The builders read the four IDX files of a dataset, from the first of:
 
 1. an already prepared TFDS data dir (prepared data is reused);
 2. a local directory of IDX files (`idx_dir`, or for Fashion-MNIST Debian's
    `dataset-fashion-mnist` package at /usr/share/datasets/fashion-mnist);
 3. a download from the dataset's official location, checked against SHA-256.
 
-Prepared data is stored as array_record and read back through TFDS's data
-source API, which needs only NumPy.
+Data prepared from an `idx_dir` records the SHA-256 of its files, so another
+`idx_dir` rebuilds it instead of being shadowed by it (`prepare`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
-import logging
 import os
 import shutil
-import socket
 import struct
-import urllib.parse
 import zlib
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["SOURCES", "Dataset", "DatasetError", "DatasetNotFoundError", "load", "read_idx"]
+from trainer.data.errors import DatasetError, DatasetNotFoundError, reachable
+
+__all__ = ["BUILDERS", "SOURCES", "prepare", "read_idx"]
 
 _IDX_DTYPES = {
   0x08: np.uint8,
@@ -94,14 +90,6 @@ SOURCES = {
 }
 
 
-class DatasetError(ValueError):
-  """The data cannot be had or read; the message names the file or flag."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-  """No prepared data, no IDX files and no download: says how to get them."""
-
-
 # ---- IDX ---------------------------------------------------------------------
 
 
@@ -159,6 +147,8 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._url_base = url_base or self.SOURCE.url_base
     self._checksums = sha256 or self.SOURCE.sha256
     super().__init__(**kwargs)
+    # A pickled copy (grain's workers) is rebuilt with these.
+    self._original_state.update(idx_dir=idx_dir, url_base=url_base, sha256=sha256)
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -192,7 +182,7 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     else:
       urls = {stem: self._url_base + stem + ".gz" for pair in _FILES.values() for stem in pair}
       try:
-        _reachable(self._url_base)  # fail in seconds offline, not after TFDS's retries
+        reachable(self._url_base)  # fail in seconds offline, not after TFDS's retries
         files = dl_manager.download(urls)
       except Exception as error:  # no network, server down, ...
         raise DatasetNotFoundError(self._how_to_get(error)) from error
@@ -241,70 +231,31 @@ class FashionMnist(_IdxBuilder, skip_registration=True):
 BUILDERS = {"mnist": Mnist, "fashion_mnist": FashionMnist}
 
 
-# ---- Loading --------------------------------------------------------------
-
-
-class Dataset(NamedTuple):
-  """A whole dataset in host memory: uint8 images (N, 28, 28), int32 labels."""
-
-  train_images: np.ndarray
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
-  num_classes: int
-
-
-def builder(name: str, data_dir: str | None = None, **kwargs) -> _IdxBuilder:
-  if name not in BUILDERS:
-    raise ValueError(f"dataset: expected one of {sorted(BUILDERS)}, got {name!r}.")
-  return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
-
-
-def _reachable(url: str, timeout: float = 5.0) -> None:
-  """Raises OSError within `timeout` seconds when the download host is unreachable."""
-  parts = urllib.parse.urlsplit(url)
-  port = parts.port or (443 if parts.scheme == "https" else 80)
-  socket.create_connection((parts.hostname, port), timeout=timeout).close()
-
-
 SOURCE_RECORD = "jaxbn_source.json"  # beside the prepared data: what it was built from
 
 
 def _idx_checksums(directory: Path) -> dict[str, str]:
-  return {stem: _sha256(_find_idx(directory, stem)) for pair in _FILES.values() for stem in pair}
+  return {stem: _sha256(path) for pair in _FILES.values() for stem in pair if (path := _find_idx(directory, stem))}
 
 
-def load(name: str, data_dir: str | None = None, idx_dir: str | None = None, quiet: bool = True, **kwargs) -> Dataset:
-  """Prepares `name` (if not yet prepared in `data_dir`) and returns it whole.
+def prepare(name: str, data_dir: str | None, idx_dir: str | None = None, **kwargs) -> _IdxBuilder:
+  """The prepared builder of `name` (prepared now if it is not yet).
 
   Data prepared before records the SHA-256 of the IDX files it was built
-  from; a given `idx_dir` with other files rebuilds it (it is never shadowed
-  by earlier data). `quiet`: no TFDS progress bars or log lines.
+  from; a given `idx_dir` with other files rebuilds it.
   """
-  if quiet:
-    tfds.disable_progress_bar()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-  b = builder(name, data_dir, idx_dir=idx_dir, **kwargs)
+  b = BUILDERS[name](data_dir=data_dir, file_format="array_record", idx_dir=idx_dir, **kwargs)
   record = Path(b.data_dir) / SOURCE_RECORD
   wanted = None
   if idx_dir is not None:
     directory = b.local_idx_dir()  # raises for a missing directory or files
+    assert directory is not None
     wanted = _idx_checksums(directory)
     prepared = Path(b.data_dir) / "dataset_info.json"
     if prepared.exists() and (not record.exists() or json.loads(record.read_text()) != wanted):
       shutil.rmtree(b.data_dir)  # built from other files: rebuild from these
-      b = builder(name, data_dir, idx_dir=idx_dir, **kwargs)
-  # TFDS prints its "Downloading and preparing ..." lines to stdout.
-  with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-    b.download_and_prepare()
+      b = BUILDERS[name](data_dir=data_dir, file_format="array_record", idx_dir=idx_dir, **kwargs)
+  b.download_and_prepare()
   if wanted is not None and not record.exists():
     record.write_text(json.dumps(wanted, indent=2) + "\n")
-  source = b.as_data_source()
-
-  def read(split):
-    records = source[split].__getitems__(range(len(source[split])))
-    images = np.stack([r["image"] for r in records])
-    labels = np.asarray([r["label"] for r in records], np.int32)
-    return images, labels
-
-  return Dataset(*read("train"), *read("test"), num_classes=b.info.features["label"].num_classes)
+  return b

@@ -1,0 +1,66 @@
+"""The BN modes of train.py, one registry entry each.
+
+A mode says which jaxbn layer normalizes and over which examples; `norm` turns
+it into the layer factory a model is built with, for one parallel style:
+
+  none        no normalization (the paper's baseline)
+  per-device  each device normalizes its own batch. jit: `batch_groups` with one
+              group per device (each device's shard is one group, no collective);
+              shard_map and pmap: no axis_name. Running statistics: one row per
+              device, pooled (`jaxbn.sync_batch_stats`) for evaluation and checkpoints.
+  sync        the statistics of the whole global batch. jit: a plain reduction over
+              the batch-sharded array; shard_map and pmap: axis_name over the devices.
+  renorm      Batch Renorm (Ioffe 2017) per device, correcting toward the running
+              statistics pooled over the devices.
+
+Adding a mode is one entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jaxbn
+
+AXIS = "batch"  # the device axis of every parallel style
+
+
+@dataclasses.dataclass(frozen=True)
+class BNMode:
+  layer: type | None  # the jaxbn Linen module; None: no normalization
+  per_device: bool  # statistics of each device's examples, running statistics one row per device
+  summary: str
+
+  @property
+  def has_population_statistics(self) -> bool:
+    """Algorithm 2 re-estimates what this mode normalizes with (renorm trains on corrected ones)."""
+    return self.layer is jaxbn.BatchNorm
+
+  def norm(self, momentum: float, num_devices: int | None, style: str):
+    """The layer factory for models run by `style` over `num_devices` devices;
+    without `num_devices`: the portable model (one set of statistics, no axis)."""
+    if self.layer is None:
+      return None
+    kwargs: dict = {"momentum": momentum}
+    if num_devices is not None:
+      local = style != "jit"  # shard_map, pmap: the step runs per device over AXIS
+      if self.per_device:
+        kwargs["batch_groups"] = num_devices
+        if self.layer is jaxbn.BatchRenorm and local:  # each device holds its own row
+          kwargs["stats_axis_name"] = AXIS
+      elif local:
+        kwargs["axis_name"] = AXIS
+    return functools.partial(self.layer, **kwargs)
+
+
+BN_MODES: dict[str, BNMode] = {
+  "none": BNMode(None, False, "no normalization"),
+  "per-device": BNMode(jaxbn.BatchNorm, True, "BN with each device's batch"),
+  "sync": BNMode(jaxbn.BatchNorm, False, "BN with the global batch"),
+  "renorm": BNMode(
+    jaxbn.BatchRenorm,
+    True,
+    "Batch Renorm with each device's batch (r_max 1->3, d_max 0->5 from 10%% to 60%% of --steps)",
+  ),
+}
