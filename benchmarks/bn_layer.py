@@ -2,6 +2,8 @@
 
     python benchmarks/bn_layer.py [--rounds 30]
 
+On a CPU the shapes below; on an accelerator (ACCELERATOR_SHAPES) layers of
+ResNet-50 at batch 256, large enough to time BN rather than the dispatch.
 For each shape and dtype, the batch statistics alone (jaxbn.moments against
 flax's one-pass E[x²]-E[x]² and a one-read floor), forward and forward+backward: y and dL/dx for
 L = sum(BN(x)·w), i.e. the VJP with cotangent w (what a training step runs;
@@ -35,6 +37,15 @@ SHAPES = [
   ((32, 28, 28, 256), jnp.float32),
   ((128, 32, 32, 64), jnp.bfloat16),
   ((32, 28, 28, 256), jnp.bfloat16),
+]
+# On an accelerator those take microseconds and time the dispatch, not BN: layers of a
+# ResNet-50 at batch 256 (224 px) instead, a few hundred MB each.
+ACCELERATOR_SHAPES = [
+  ((32768, 4096), jnp.float32),
+  ((256, 56, 56, 256), jnp.float32),
+  ((256, 28, 28, 512), jnp.float32),
+  ((256, 56, 56, 256), jnp.bfloat16),
+  ((256, 28, 28, 512), jnp.bfloat16),
 ]
 
 
@@ -111,14 +122,15 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=30)
   args = parser.parse_args(argv)
   rows = []
-  for shape, dtype in SHAPES:
+  accelerator = jax.devices()[0].platform != "cpu"
+  for shape, dtype in ACCELERATOR_SHAPES if accelerator else SHAPES:
     statistics, statistics_args, forward, forward_args, backward, backward_args = candidates(shape, dtype)
     for mode, fns, fargs in (
       ("statistics", statistics, statistics_args),
       ("forward", forward, forward_args),
       ("fwd+bwd", backward, backward_args),
     ):
-      times = common.time_interleaved(fns, fargs, rounds=args.rounds)
+      times = common.time_interleaved(fns, fargs, rounds=args.rounds, inner=10 if accelerator else 3)
       for name, seconds in times.items():
         rows.append(
           {

@@ -62,6 +62,9 @@ def machine() -> dict:
 
 
 def commit() -> str:
+  """The commit measured: JAXBN_COMMIT where the copy has no (or a stale) git history."""
+  if os.environ.get("JAXBN_COMMIT"):
+    return os.environ["JAXBN_COMMIT"]
   try:
     return subprocess.run(
       ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
