@@ -39,7 +39,18 @@ from jaxbn.checks import (
   feature_axes,
 )
 
-__all__ = ["Moments", "UnboundAxisNameError", "batch_norm", "combine_groups", "feature_axes", "moments"]
+__all__ = [
+  "BNOptions",
+  "Moments",
+  "Renorm",
+  "UnboundAxisNameError",
+  "batch_norm",
+  "combine_groups",
+  "feature_axes",
+  "moments",
+  "normalize",
+  "pool_stats",
+]
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -55,6 +66,38 @@ class Moments(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count: the public name
   mean: jax.Array
   var: jax.Array
+
+
+class Renorm(NamedTuple):
+  """Batch Renormalization's part of `BNOptions` (see `jaxbn.batch_renorm`).
+
+  r_max, d_max: the clipping limits of r and d (may be traced).
+  reference: the running statistics to correct toward; None: the `stats` given.
+  stats_axis_name: pool the reference over this device axis first (per-device
+    statistics under shard_map / pmap).
+  """
+
+  r_max: Any
+  d_max: Any
+  reference: dict[str, Any] | None = None
+  stats_axis_name: AxisName | None = None
+
+
+class BNOptions(NamedTuple):
+  """Everything `normalize` takes besides the arrays: `batch_norm`'s keywords, and
+  `renorm` (None: plain BN). The Linen and NNX modules build one from their fields."""
+
+  axis: int | Sequence[int] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  axis_name: AxisName | None = None
+  axis_index_groups: Sequence[Sequence[int]] | None = None
+  unbiased: bool = False
+  skip_nonfinite: bool = True
+  dtype: Any = None
+  batch_groups: int | None = None
+  batch_axis: int = 0
+  renorm: Renorm | None = None
 
 
 def _is_manual(axis_name) -> bool:
@@ -233,20 +276,9 @@ def groups_of(stats: dict[str, Any], feature_shape) -> int:
 
 
 def combine_groups(stats: dict[str, Any]) -> dict[str, jax.Array]:
-  """One set of running statistics from per-group (or per-device) ones.
-
-  `stats["mean"]`, `stats["var"]` carry the groups on the leading axis:
-
-      mean = mean over groups of mean_g
-      var  = mean over groups of var_g + variance over groups of mean_g
-
-  (the law of total variance: the spread of the group means is part of the
-  variance of the pooled data).
-  """
-  mean = jnp.mean(stats["mean"], 0)
-  spread = jnp.mean(_abs_sq(stats["mean"] - mean), 0)
-  var = jnp.mean(stats["var"], 0)  # a JAX dtype (NumPy float64 becomes float32 without x64)
-  return {"mean": mean, "var": var + spread.astype(var.dtype)}
+  """One set of running statistics from per-group (or per-device) ones on the
+  leading axis: `pool_stats(stats)`, the law of total variance."""
+  return pool_stats(stats)
 
 
 def moments(
@@ -497,69 +529,28 @@ def batch_norm(
   Returns:
     `(y, new_stats)`; running statistics carry no gradient.
   """
-  return _batch_norm(
-    x,
-    params,
-    stats,
-    renorm_limits=None,
-    training=training,
-    axis=axis,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    mask=mask,
-    unbiased=unbiased,
-    skip_nonfinite=skip_nonfinite,
-    dtype=dtype,
-    batch_groups=batch_groups,
-    batch_axis=batch_axis,
+  options = BNOptions(
+    axis, momentum, epsilon, axis_name, axis_index_groups, unbiased, skip_nonfinite, dtype, batch_groups, batch_axis
   )
+  return normalize(x, params, stats, options, training=training, mask=mask)
 
 
-def _batch_norm(
-  x,
-  params,
-  stats,
-  *,
-  renorm_limits,
-  training,
-  axis,
-  momentum,
-  epsilon,
-  axis_name,
-  axis_index_groups,
-  mask,
-  unbiased,
-  skip_nonfinite,
-  dtype,
-  batch_groups,
-  batch_axis,
-):
-  """batch_norm, and with `renorm_limits=(r_max, d_max)` Batch Renormalization."""
+def normalize(
+  x, params: dict[str, Any] | None, stats: dict[str, Any], options: BNOptions, *, training: bool, mask=None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The core every jaxbn layer calls: BN (or, with `options.renorm`, Batch
+  Renormalization) of `x` with `options`; returns `(y, new_stats)`.
 
+  `batch_norm(x, params, stats, training=t, mask=m, **keywords)` is
+  `normalize(x, params, stats, BNOptions(**keywords), training=t, mask=m)`.
+  """
+  o = options
   x = check_input(x)
-  faxes = feature_axes(x.ndim, axis)
+  faxes = feature_axes(x.ndim, o.axis)
   fshape = tuple(x.shape[a] for a in faxes)
-  if batch_groups is not None:
-    return _grouped_batch_norm(
-      x,
-      params,
-      stats,
-      faxes,
-      training=training,
-      momentum=momentum,
-      epsilon=epsilon,
-      axis_name=axis_name,
-      mask=mask,
-      unbiased=unbiased,
-      skip_nonfinite=skip_nonfinite,
-      dtype=dtype,
-      renorm_limits=renorm_limits,
-      batch_groups=batch_groups,
-      batch_axis=batch_axis,
-    )
-  check_hyperparameters(momentum, epsilon)
+  if o.batch_groups is not None:
+    return _grouped_batch_norm(x, params, stats, faxes, o, training=training, mask=mask)
+  check_hyperparameters(o.momentum, o.epsilon)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
     raise ValueError(
       f"stats: expected a dict with keys 'mean' and 'var', got "
@@ -584,37 +575,41 @@ def _batch_norm(
     else jnp.zeros(fshape, param_dtype)
   )
   mask = check_mask(mask, x.shape)
-  out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+  out_dtype = jnp.dtype(x.dtype if o.dtype is None else o.dtype)
 
   if not training:
-    inv = lax.rsqrt(running_var.astype(_real_dtype(stat_dtype)) + epsilon)
+    inv = lax.rsqrt(running_var.astype(_real_dtype(stat_dtype)) + o.epsilon)
     y = _normalize(x, running_mean, inv, scale.astype(stat_dtype), bias, faxes, out_dtype)
     return y, stats
 
-  if axis_name is not None:
-    check_axis_name(axis_name)
+  if o.axis_name is not None:
+    check_axis_name(o.axis_name)
   scale, bias = _vary_like(scale, x), _vary_like(bias, x)
-  cfg = (faxes, float(epsilon), axis_name, _canonical_groups(axis_index_groups), out_dtype)
+  cfg = (faxes, float(o.epsilon), o.axis_name, _canonical_groups(o.axis_index_groups), out_dtype)
   renorm = None
-  if renorm_limits is not None:
+  if o.renorm is not None:
     if jnp.iscomplexobj(x):
       raise TypeError(f"x: Batch Renormalization expects real input, got dtype {x.dtype}.")
-    r_max, d_max, reference, stats_axis_name = renorm_limits
-    reference = {"mean": running_mean, "var": running_var} if reference is None else reference
-    if stats_axis_name is not None:
-      check_axis_name(stats_axis_name)
-      reference = _pool_over_axis(reference, stats_axis_name)
+    reference = {"mean": running_mean, "var": running_var} if o.renorm.reference is None else o.renorm.reference
+    if o.renorm.stats_axis_name is not None:
+      check_axis_name(o.renorm.stats_axis_name)
+      reference = pool_stats(reference, o.renorm.stats_axis_name)
     reference = {k: jnp.broadcast_to(v, fshape) for k, v in reference.items()}
-    renorm = (reference["mean"], reference["var"], jnp.asarray(r_max, stat_dtype), jnp.asarray(d_max, stat_dtype))
+    renorm = (
+      reference["mean"],
+      reference["var"],
+      jnp.asarray(o.renorm.r_max, stat_dtype),
+      jnp.asarray(o.renorm.d_max, stat_dtype),
+    )
   y, batch = _train(cfg, x, scale, bias, mask, renorm)
   batch = jax.tree.map(lax.stop_gradient, batch)
 
   batch_var = batch.var
-  if unbiased:
+  if o.unbiased:
     batch_var = batch_var * batch.count / jnp.maximum(batch.count - 1, 1)
-  new_mean = momentum * running_mean + (1 - momentum) * batch.mean
-  new_var = momentum * running_var + (1 - momentum) * batch_var
-  if skip_nonfinite:
+  new_mean = o.momentum * running_mean + (1 - o.momentum) * batch.mean
+  new_var = o.momentum * running_var + (1 - o.momentum) * batch_var
+  if o.skip_nonfinite:
     ok = (batch.count > 0) & jnp.isfinite(batch.mean) & jnp.isfinite(batch_var)
     new_mean = jnp.where(ok, new_mean, running_mean)
     new_var = jnp.where(ok, new_var, running_var)
@@ -627,17 +622,16 @@ def _batch_norm(
   return y, new_stats
 
 
-def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batch_axis, axis_name, mask, **kwargs):
+def _grouped_batch_norm(x, params, stats, faxes, options: BNOptions, *, training, mask):
   """batch_norm with statistics per group of examples: the group axis becomes
   one more feature axis, and parameters and running statistics are broadcast
   over it."""
+  batch_groups = options.batch_groups
   fshape = tuple(x.shape[a] for a in faxes)
   gshape = (batch_groups, *fshape)
-  kwargs.update(axis_index_groups=None, batch_groups=None, batch_axis=0)
+  inner = options._replace(axis=faxes, axis_index_groups=None, batch_groups=None, batch_axis=0)
   if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
-    return _batch_norm(
-      x, params, stats, training=training, axis=faxes, axis_name=axis_name, mask=mask, **kwargs
-    )  # its error
+    return normalize(x, params, stats, inner, training=training, mask=mask)  # its error
   for key in ("mean", "var"):
     if jnp.shape(stats[key]) not in (fshape, gshape):
       raise ValueError(
@@ -645,9 +639,9 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
       )
   if not training:
     pooled = combine_groups(stats) if jnp.shape(stats["mean"]) == gshape else stats
-    return _batch_norm(x, params, pooled, training=False, axis=faxes, axis_name=None, mask=mask, **kwargs)[0], stats
+    return normalize(x, params, pooled, inner._replace(axis_name=None), training=False, mask=mask)[0], stats
   xg, mask, gaxes = _group_batch(
-    x, None if mask is None else check_mask(mask, x.shape), faxes, batch_groups, batch_axis, axis_name
+    x, None if mask is None else check_mask(mask, x.shape), faxes, batch_groups, options.batch_axis, options.axis_name
   )
   # Under explicit sharding, per-group values follow the batch's sharding.
   group_spec = _explicit_spec(xg, gaxes[0])
@@ -658,21 +652,32 @@ def _grouped_batch_norm(x, params, stats, faxes, *, training, batch_groups, batc
 
   params = None if params is None else {k: widen(v) if jnp.shape(v) == fshape else v for k, v in params.items()}
   rows = {k: widen(v) for k, v in stats.items()}
-  if kwargs["renorm_limits"] is not None:
+  if options.renorm is not None:
     # Batch Renorm corrects every group toward the pooled running statistics,
     # the estimate of the population's (each group's own row is a part of it).
-    r_max, d_max, _, stats_axis_name = kwargs["renorm_limits"]
     reference = {k: widen(v) for k, v in combine_groups(rows).items()}
-    kwargs["renorm_limits"] = (r_max, d_max, reference, stats_axis_name)
-  y, new_stats = _batch_norm(xg, params, rows, training=True, axis=gaxes, axis_name=None, mask=mask, **kwargs)
+    inner = inner._replace(renorm=options.renorm._replace(reference=reference))
+  y, new_stats = normalize(xg, params, rows, inner._replace(axis=gaxes, axis_name=None), training=True, mask=mask)
   return y.reshape(x.shape), new_stats
 
 
-def _pool_over_axis(stats, axis_name):
-  """The law of total variance over the devices of a named axis (equal weights)."""
-  mean = lax.pmean(stats["mean"], axis_name)
-  spread = _abs_sq(stats["mean"] - mean)
-  return {"mean": mean, "var": lax.pmean(stats["var"] + spread, axis_name)}
+def pool_stats(stats: dict[str, Any], axis_name: AxisName | None = None, *, axis_index_groups=None) -> dict[str, Any]:
+  """One set of running statistics from several (groups, devices), equally weighted:
+
+      mean = mean_k mean_k
+      var  = mean_k var_k + mean_k |mean_k - mean|^2
+
+  (the law of total variance: the spread of the means is part of the variance
+  of the pooled data). The sets lie on the leading axis (`axis_name=None`) or
+  on the devices of a bound axis (`axis_name`, within `axis_index_groups`).
+  """
+  if axis_name is None:
+    average = lambda v: jnp.mean(v, 0)
+  else:
+    average = lambda v: lax.pmean(v, axis_name, axis_index_groups=axis_index_groups)
+  mean = average(stats["mean"])
+  var = jnp.asarray(stats["var"])  # a JAX dtype (NumPy float64 becomes float32 without x64)
+  return {"mean": mean, "var": average(var + _abs_sq(stats["mean"] - mean).astype(var.dtype))}
 
 
 def _explicit_spec(x, axis):

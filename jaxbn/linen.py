@@ -74,7 +74,7 @@ class BatchNorm(nn.Module):
       use_running_average: overrides the field of the same name.
       mask: boolean, broadcastable to x: the elements that enter the statistics.
     """
-    return _normalize(self, x, use_running_average, mask, renorm_limits=None)
+    return normalize_with(self, self, x, use_running_average, mask=mask)
 
 
 class BatchRenorm(BatchNorm):
@@ -95,59 +95,92 @@ class BatchRenorm(BatchNorm):
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the fields for this call."""
-    limits = (
-      self.r_max if r_max is None else r_max,
-      self.d_max if d_max is None else d_max,
-      None,
-      None if self.is_initializing() else self.stats_axis_name,
-    )
-    return _normalize(self, x, use_running_average, mask, renorm_limits=limits)
+    return normalize_with(self, self, x, use_running_average, mask=mask, r_max=r_max, d_max=d_max)
 
 
-def _normalize(module: BatchNorm, x, use_running_average, mask, renorm_limits):
-  """The body of both modules' calls (variables are created in `module`)."""
-  use_running_average = nn.merge_param("use_running_average", module.use_running_average, use_running_average)
+class FrozenBatchNorm(BatchNorm):
+  """BN that always normalizes with its stored statistics and never updates them.
+
+      y = scale * (x - mean) / sqrt(var + epsilon) + bias
+
+  in training and inference alike (detectron2's FrozenBatchNorm2d; the
+  final-epochs remedy of Wu & Johnson 2021). Variables are BatchNorm's (names,
+  shapes, dtypes), so a BN checkpoint loads into it and back; a fresh layer is
+  the identity (var starts at 1 - epsilon). `use_running_average` is accepted
+  and has no effect.
+
+  Attributes: as `BatchNorm`, plus
+    train_affine: False (default): `scale` and `bias` get no gradient. Their
+      gradient is zero, but an optimizer's weight decay would still shrink
+      them: leave them out of it (e.g. `optax.add_decayed_weights(wd,
+      mask=...)` or `optax.multi_transform` with `optax.set_to_zero()` for
+      their paths).
+  """
+
+  train_affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
+    """Normalizes `x` with the stored statistics (`mask` is accepted and unused)."""
+    return normalize_with(self, self, x, use_running_average, mask=mask)
+
+
+def normalize_with(holder: nn.Module, layer: BatchNorm, x, use_running_average, *, mask=None, r_max=None, d_max=None):
+  """The call of every jaxbn Linen layer: `layer`'s kind and fields, on `holder`'s
+  variables (`holder` is `layer`, or under `jaxbn.swap_batch_norm` the flax or
+  jaxbn module being called)."""
+  frozen = isinstance(layer, FrozenBatchNorm)
+  use_running_average = frozen or nn.merge_param("use_running_average", layer.use_running_average, use_running_average)
   x = checks.check_input(x)
-  faxes = functional.feature_axes(x.ndim, module.axis)
+  faxes = functional.feature_axes(x.ndim, layer.axis)
   fshape = tuple(x.shape[a] for a in faxes)
 
-  stats_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
-  stats_shape = fshape if module.batch_groups is None else (module.batch_groups, *fshape)
-  ra_mean = module.variable("batch_stats", "mean", jnp.zeros, stats_shape, stats_dtype)
-  ra_var = module.variable("batch_stats", "var", jnp.ones, stats_shape, stats_dtype)
+  stats_dtype = jnp.float32 if layer.force_float32_reductions else layer.param_dtype
+  stats_shape = fshape if layer.batch_groups is None else (layer.batch_groups, *fshape)
+  var_init = (lambda s, d: jnp.full(s, 1 - layer.epsilon, d)) if frozen else jnp.ones  # frozen: a fresh layer is y = x
+  ra_mean = holder.variable("batch_stats", "mean", jnp.zeros, stats_shape, stats_dtype)
+  ra_var = holder.variable("batch_stats", "var", var_init, stats_shape, stats_dtype)
   params = {}
-  if module.use_scale:
-    params["scale"] = module.param("scale", module.scale_init, fshape, module.param_dtype)
-  if module.use_bias:
-    params["bias"] = module.param("bias", module.bias_init, fshape, module.param_dtype)
+  if layer.use_scale:
+    params["scale"] = holder.param("scale", layer.scale_init, fshape, layer.param_dtype)
+  if layer.use_bias:
+    params["bias"] = holder.param("bias", layer.bias_init, fshape, layer.param_dtype)
   # flax's output dtype: the promotion of the input and the parameters used.
-  out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+  out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=layer.dtype)
+  if frozen and not layer.train_affine:
+    params = jax.tree.map(jax.lax.stop_gradient, params)
 
-  initializing = module.is_initializing()
+  initializing = holder.is_initializing()
   stats = {"mean": ra_mean.value, "var": ra_var.value}
-  groups = functional.groups_of(stats, fshape) if module.batch_groups is not None else None
+  groups = None
+  if layer.batch_groups is not None:
+    # One row per group; statistics of the feature shape (a checkpoint of plain
+    # BN, or the pooled set) serve every group.
+    groups = layer.batch_groups if jnp.shape(stats["mean"]) == fshape else functional.groups_of(stats, fshape)
   if initializing and groups is not None:
     # init takes a batch of any size (often one example) and keeps the statistics.
     stats, groups = functional.combine_groups(stats), None
-  y, new_stats = functional._batch_norm(
-    x,
-    params,
-    stats,
-    renorm_limits=renorm_limits,
-    training=not use_running_average,
+  renorm = None
+  if isinstance(layer, BatchRenorm):
+    renorm = functional.Renorm(
+      layer.r_max if r_max is None else r_max,
+      layer.d_max if d_max is None else d_max,
+      stats_axis_name=None if initializing else layer.stats_axis_name,
+    )
+  options = functional.BNOptions(
     axis=faxes,
-    momentum=module.momentum,
-    epsilon=module.epsilon,
+    momentum=layer.momentum,
+    epsilon=layer.epsilon,
     # As in flax, init needs no bound axis and leaves the statistics alone.
-    axis_name=None if initializing else module.axis_name,
-    axis_index_groups=module.axis_index_groups,
-    mask=mask,
-    unbiased=module.unbiased,
-    skip_nonfinite=module.skip_nonfinite,
+    axis_name=None if initializing else layer.axis_name,
+    axis_index_groups=layer.axis_index_groups,
+    unbiased=layer.unbiased,
+    skip_nonfinite=layer.skip_nonfinite,
     dtype=out_dtype,
     batch_groups=groups,
-    batch_axis=0,
+    renorm=renorm,
   )
+  y, new_stats = functional.normalize(x, params, stats, options, training=not use_running_average, mask=mask)
   if not use_running_average and not initializing:
     ra_mean.value = new_stats["mean"]
     ra_var.value = new_stats["var"]

@@ -63,24 +63,21 @@ def batch_renorm(
 
   Every other argument is `batch_norm`'s.
   """
-  return functional._batch_norm(
-    x,
-    params,
-    stats,
-    renorm_limits=(r_max, d_max, None, stats_axis_name),
-    training=training,
-    axis=axis,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    mask=mask,
-    unbiased=unbiased,
-    skip_nonfinite=skip_nonfinite,
-    dtype=dtype,
-    batch_groups=batch_groups,
-    batch_axis=batch_axis,
+  renorm = functional.Renorm(r_max, d_max, stats_axis_name=stats_axis_name)
+  options = functional.BNOptions(
+    axis,
+    momentum,
+    epsilon,
+    axis_name,
+    axis_index_groups,
+    unbiased,
+    skip_nonfinite,
+    dtype,
+    batch_groups,
+    batch_axis,
+    renorm,
   )
+  return functional.normalize(x, params, stats, options, training=training, mask=mask)
 
 
 def renorm_schedule(

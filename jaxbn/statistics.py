@@ -1,4 +1,5 @@
-"""Helpers around running statistics: combining devices, Algorithm 2."""
+"""Helpers around running statistics: combining devices, and population
+statistics (PreciseBN) with the paper's or the pooled estimator."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
-from jax import lax
 
 from jaxbn import checks, functional
-from jaxbn.linen import BatchNorm
+from jaxbn.linen import BatchNorm, FrozenBatchNorm
 
-__all__ = ["population_stats", "sync_batch_stats"]
+__all__ = ["ESTIMATORS", "PopulationEstimate", "population_stats", "sync_batch_stats"]
+
+ESTIMATORS = ("paper", "pooled")
 
 
 def _is_stats(node) -> bool:
@@ -41,9 +43,9 @@ def sync_batch_stats(batch_stats, axis_name=None, *, axis_index_groups=None):
       mean = mean over devices of mean_d
       var  = mean over devices of var_d + variance over devices of mean_d
 
-  (the law of total variance: the device means' spread is part of the
-  variance of the pooled data). Use it in per-device BN before evaluating or
-  checkpointing.
+  (the law of total variance, `jaxbn.functional.pool_stats`: the device means'
+  spread is part of the variance of the pooled data). Use it in per-device BN
+  before evaluating or checkpointing.
 
   Args:
     batch_stats: nested dict of {"mean", "var"} dicts (Linen's 'batch_stats').
@@ -52,18 +54,67 @@ def sync_batch_stats(batch_stats, axis_name=None, *, axis_index_groups=None):
       leading axis, which the result then no longer has.
     axis_index_groups: combine only within these device groups.
   """
-  if axis_name is None:
-    combine = functional.combine_groups
-  else:
+  if axis_name is not None:
     checks.check_axis_name(axis_name)
+  return _map_stats(lambda s: functional.pool_stats(s, axis_name, axis_index_groups=axis_index_groups), batch_stats)
 
-    def combine(s):
-      mean = lax.pmean(s["mean"], axis_name, axis_index_groups=axis_index_groups)
-      spread = jnp.square(s["mean"] - mean)
-      var = lax.pmean(s["var"] + spread, axis_name, axis_index_groups=axis_index_groups)
-      return {"mean": mean, "var": var}
 
-  return _map_stats(combine, batch_stats)
+class PopulationEstimate:
+  """Population statistics of BN layers from the Moments of their inputs, batch by batch.
+
+  "paper" (Algorithm 2 of Ioffe & Szegedy): over the batches B of m elements,
+
+      mean = mean_B mu_B,   var = mean_B m/(m-1) var_B
+
+  "pooled" (fvcore's PreciseBN since 2021): the mean and the biased variance of
+  every element of every batch pooled, each batch weighing its element count
+  (so a smaller or masked batch weighs less; for a convolution m = N*H*W):
+
+      mean = sum_B m_B mu_B / M,   var = sum_B m_B (var_B + (mu_B - mean)^2) / M
+
+  Moments with a leading group axis (a layer with `batch_groups`) count each
+  group as a batch: the statistics of the normalization batch the layer
+  trains with. A batch (group) with no valid element counts for nothing.
+  Accumulates in float64 on the host (Chan's pairwise update for "pooled").
+  """
+
+  def __init__(self, estimator: str = "paper"):
+    if estimator not in ESTIMATORS:
+      raise ValueError(f"estimator: expected one of {', '.join(ESTIMATORS)}, got {estimator!r}.")
+    self.estimator = estimator
+    self._sums: dict[Any, list] = {}
+
+  def add(self, key, moments: functional.Moments, grouped: bool = False) -> None:
+    """One batch's Moments of layer `key` (with a leading group axis if `grouped`)."""
+    count, mean, var = (np.asarray(v, np.float64) for v in moments)
+    if not grouped:
+      count, mean, var = count[None], mean[None], var[None]
+    for n, mu, v in zip(count, mean, var, strict=True):
+      self._add(key, n, mu, v)
+
+  def _add(self, key, n, mu, v):
+    valid = n > 0
+    if key not in self._sums:
+      self._sums[key] = [np.zeros_like(mu), np.zeros_like(mu), np.zeros_like(mu)]
+    a, b, c = self._sums[key]
+    if self.estimator == "paper":  # batches counted, sum of means, sum of unbiased variances
+      self._sums[key] = [a + valid, b + np.where(valid, mu, 0), c + np.where(valid, v * n / np.maximum(n - 1, 1), 0)]
+      return
+    total = a + n  # elements, mean, M2 of everything so far (Chan et al.)
+    safe = np.maximum(total, 1)
+    delta = mu - b
+    self._sums[key] = [total, b + delta * n / safe, c + v * n + np.abs(delta) ** 2 * a * n / safe]
+
+  def layers(self):
+    """The keys of the layers seen so far."""
+    return self._sums.keys()
+
+  def result(self, key) -> dict[str, np.ndarray]:
+    a, b, c = self._sums[key]
+    if self.estimator == "paper":
+      safe = np.maximum(a, 1)
+      return {"mean": b / safe, "var": c / safe}
+    return {"mean": b, "var": c / np.maximum(a, 1)}
 
 
 def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
@@ -76,44 +127,57 @@ def population_stats(
   model: nn.Module,
   variables: Mapping[str, Any],
   batches: Iterable[Any],
+  *,
+  estimator: str = "paper",
   **apply_kwargs,
 ) -> dict:
-  """Population statistics of every BN layer (paper, Algorithm 2).
+  """Population statistics of every BN layer of a Linen model (PreciseBN).
 
-  Runs the model over `batches` with each BN layer (jaxbn.BatchNorm or
-  flax.linen.BatchNorm) normalizing by its batch statistics, as the training
-  network does, and returns new 'batch_stats' with, per layer,
-
-      mean = mean over batches of mu_B
-      var  = mean over batches of m/(m-1) * var_B     (m: batch count)
-
-  Each batch's statistics are its own: layers that sync over an `axis_name`
-  are run unsynced here, so no transform needs to bind it.
+  Runs the model over `batches` with each BN layer (`jaxbn.BatchNorm`,
+  `jaxbn.BatchRenorm` or `flax.linen.BatchNorm`) normalizing by its batch
+  statistics, as the training network does, and returns new 'batch_stats'
+  whose every layer holds the population statistics of its inputs
+  (`PopulationEstimate`: `estimator="paper"`, the paper's Algorithm 2, or
+  "pooled", fvcore's). A layer with `batch_groups` is estimated at its
+  normalization batch (each group of a batch counts as one batch), and keeps
+  its one-row-per-group shape (every row the same). `FrozenBatchNorm` layers
+  keep their statistics. Each batch's statistics are its own: layers that sync
+  over an `axis_name` are run unsynced here, so no transform needs to bind it.
 
   Args:
     model: a Linen model containing BN layers.
     variables: its variables ('params' and 'batch_stats', ...).
     batches: an iterable of model inputs; a tuple is passed as positional
       arguments, anything else as the single argument.
+    estimator: "paper" or "pooled".
     **apply_kwargs: passed to `model.apply` (e.g. `train=False` to switch off
       dropout; BN layers use batch statistics regardless).
 
   Returns:
-    The new 'batch_stats' collection (same structure as the input's).
+    The new 'batch_stats' collection (same structure and shapes as the input's).
   """
+  estimate = PopulationEstimate(estimator)
+  grouped: dict[tuple[str, ...], bool] = {}  # filled while tracing: static per layer
 
   def batch_moments(variables, batch):
-    """{layer path: Moments of that layer's input} for one batch."""
+    """{layer path: (Moments of that layer's input, grouped)} for one batch."""
     recorded: dict[tuple[str, ...], functional.Moments] = {}
     replacing: list[nn.Module] = []  # non-empty while a replacement layer runs (not intercepted)
 
     def intercept(next_fun, args, kwargs, context):
       module = context.module
-      if replacing or context.method_name != "__call__" or not isinstance(module, (BatchNorm, nn.BatchNorm)):
+      if (
+        replacing
+        or context.method_name != "__call__"
+        or not isinstance(module, BatchNorm | nn.BatchNorm)
+        or isinstance(module, FrozenBatchNorm)
+      ):
         return next_fun(*args, **kwargs)
       x, mask = args[0], kwargs.get("mask")
+      groups = _groups(module, x)
       assert module.scope is not None  # a bound module (inside apply)
-      recorded[module.scope.path] = functional.moments(x, axis=module.axis, mask=mask)
+      recorded[module.scope.path] = functional.moments(x, axis=module.axis, mask=mask, batch_groups=groups)
+      grouped[module.scope.path] = groups is not None
       # The layer as the training network runs it, on its own variables.
       training = module.clone(parent=None, use_running_average=False, axis_name=None)
       replacing.append(module)
@@ -129,16 +193,31 @@ def population_stats(
     return recorded
 
   step = jax.jit(batch_moments)
-  sums, num_batches = None, 0
   for batch in batches:
-    moments = step(variables, batch)
-    unbiased = {path: (m.mean, m.var * m.count / jnp.maximum(m.count - 1, 1)) for path, m in moments.items()}
-    sums = unbiased if sums is None else jax.tree.map(jnp.add, sums, unbiased)
-    num_batches += 1
-  if sums is None:
+    for path, moments in step(variables, batch).items():
+      estimate.add(path, moments, grouped=grouped[path])
+  if not estimate.layers():
     raise ValueError("batches: expected at least one batch, got none.")
 
   new_stats = _map_stats(dict, variables["batch_stats"])  # a mutable copy
-  for path, (mean_sum, var_sum) in sums.items():
-    _set_path(new_stats, path, {"mean": mean_sum / num_batches, "var": var_sum / num_batches})
+  for path in estimate.layers():
+    old = _get_path(variables["batch_stats"], path)
+    _set_path(new_stats, path, _shaped(estimate.result(path), old))
   return new_stats
+
+
+def _groups(module, x) -> int | None:
+  """The normalization groups of a jaxbn layer with `batch_groups` (None: the whole batch)."""
+  groups = getattr(module, "batch_groups", None)
+  return groups if groups is not None and x.shape[0] % groups == 0 else None
+
+
+def _get_path(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _shaped(stats: dict, like: Mapping) -> dict:
+  """Population statistics in the layer's own shapes and dtypes (one row per group where it has rows)."""
+  return {k: np.broadcast_to(v, np.shape(like[k])).astype(np.asarray(like[k]).dtype) for k, v in stats.items()}

@@ -17,7 +17,7 @@ optax alone.
 from trainer.config import BN_MODES, PARALLEL_STYLES, Config
 from trainer.parallel import Parallel
 from trainer.state import AXIS, TrainState, create_train_state, make_model, make_optimizer
-from trainer.steps import eval_step, train_chunk, train_step
+from trainer.steps import eval_step, train_batch, train_step
 
 __all__ = [
   "AXIS",
@@ -30,6 +30,6 @@ __all__ = [
   "eval_step",
   "make_model",
   "make_optimizer",
-  "train_chunk",
+  "train_batch",
   "train_step",
 ]

@@ -7,13 +7,13 @@ path and every resume sees the same run.
 
 Two paths feed the same training step:
 
-  device  (`DeviceFeed`) the training split lives on every device; each step draws
-          its batch there, and many steps run per dispatch (lax.scan). For small
+  device  (`DeviceFeed`) the training split lives on every device; each step
+          gathers its batch there from the indices the host computes. For small
           datasets of one image shape (MNIST, CIFAR), with none or crop-flip.
   stream  (`StreamFeed`) each process reads only its own devices' rows of the
           global batch from the TFDS data source through grain (worker processes
           decode and augment ahead of the step), and the rows become one global
-          array (`Parallel.put_batches`).
+          array (`Parallel.put_batch`).
 
 Evaluation reads the test split on the host, each process its own rows, in
 batches padded with a `valid` mask (`eval_batches`).
@@ -73,8 +73,7 @@ class Batches:
   def host_batch(self, source, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
     """Rows `rows` of the global batch of `step`, read from `source` and augmented."""
     positions = np.arange(rows.start, rows.stop, dtype=np.uint32)
-    indices = order.example_indices(self.seed, step, positions, self.n, self.global_batch)
-    records = augment.read(source, indices.tolist())
+    records = augment.read(source, self.indices(step, rows).tolist())
     labels = np.asarray([r["label"] for r in records], np.int32)
     if self.augment == "random-resized-crop":
       images = np.stack(
@@ -91,15 +90,16 @@ class Batches:
       images = augment.crop_flip_numpy(images, augment.crop_flip_draws(self.seed, step, positions, self.hflip))
     return images, labels
 
-  def permutation(self, epoch, xp: Any = np):
-    return order.epoch_permutation(self.seed, epoch, self.n, xp=xp)
+  def indices(self, step: int, rows: range) -> np.ndarray:
+    """Training-set indices of rows `rows` of the global batch of `step`."""
+    positions = np.arange(rows.start, rows.stop, dtype=np.uint32)
+    return order.example_indices(self.seed, step, positions, self.n, self.global_batch).astype(np.int32)
 
-  def device_batch(self, images, labels, step, positions, permutation):
-    """The same rows inside a jitted step, from the training split on the device;
-    `permutation`: this step's epoch's (the chunk carries it from step to step)."""
+  def device_batch(self, images, labels, step, positions, index):
+    """The rows `positions` (their training-set `index`) of the global batch of
+    `step`, inside a jitted step, from the training split on the device."""
     import jax.numpy as jnp
 
-    index = permutation[(step % self.steps_per_epoch) * self.global_batch + positions]
     batch, batch_labels = images[index], labels[index]
     if self.augment == "crop-flip":
       draws = augment.crop_flip_draws(self.seed, step, positions.astype(jnp.uint32), self.hflip, xp=jnp)
@@ -160,16 +160,20 @@ def local_rows(global_batch: int, devices, process_index: int) -> range:
 
 
 class DeviceFeed:
-  """The training split on every device; batches are drawn inside the jitted chunk."""
+  """The training split on every device; each step gathers its batch there from
+  the example indices the host computes."""
 
   path = "device"
 
-  def __init__(self, parallel, train_images: np.ndarray, train_labels: np.ndarray):
+  def __init__(self, parallel, train_images: np.ndarray, train_labels: np.ndarray, batches: Batches, rows: range):
+    self.parallel, self.batches, self.rows = parallel, batches, rows
     self.arrays = parallel.replicate((train_images, train_labels))
 
-  def chunk_inputs(self, step: int, num_steps: int):
-    del step, num_steps  # the chunk draws its own batches
-    return self.arrays
+  def inputs(self, step: int):
+    # jit gathers the global batch and shards it; shard_map and pmap gather their own rows.
+    if self.parallel.local:
+      return (*self.arrays, self.parallel.put_batch(self.batches.indices(step, self.rows)))
+    return (*self.arrays, self.parallel.replicate(self.batches.indices(step, range(self.batches.global_batch))))
 
   def close(self):
     pass
@@ -215,13 +219,11 @@ class StreamFeed:
       iterable = iterable.mp_prefetch(options, worker_init_fn=_quiet_worker)
     self._iterator: Iterator = iter(iterable)
 
-  def chunk_inputs(self, step: int, num_steps: int):
+  def inputs(self, step: int):
     assert step == self.next_step, (step, self.next_step)
-    pairs = [next(self._iterator) for _ in range(num_steps)]
-    self.next_step += num_steps
-    images = np.stack([p[0] for p in pairs])
-    labels = np.stack([p[1] for p in pairs])
-    return self.parallel.put_batches(images, labels)
+    images, labels = next(self._iterator)
+    self.next_step += 1
+    return self.parallel.put_batch(images), self.parallel.put_batch(labels)
 
   def close(self):
     """Stops the workers and frees their buffers (before interpreter shutdown)."""

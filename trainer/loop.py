@@ -1,4 +1,4 @@
-"""The host loop of a run: set up, restore, train in dispatches, evaluate, checkpoint."""
+"""The host loop of a run: set up, restore, train step by step, evaluate, checkpoint."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from trainer.state import create_train_state, make_model, make_optimizer, make_r
 __all__ = ["CheckpointError", "NonFiniteLossError", "setup_devices", "train_and_evaluate"]
 
 PERCENTILES = (15, 50, 85)
-DISPATCH_SECONDS = 5.0  # device-resident path: about this much training per dispatch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,17 +68,9 @@ def with_population_statistics(state, model, batches):
   return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, train=False))
 
 
-def dispatch_steps(eval_every: int, step_seconds: float | None) -> int:
-  """Steps per dispatch of the device-resident path: the largest divisor of
-  --eval-every (so one compiled program serves) that runs in about
-  DISPATCH_SECONDS; 10 or fewer until a step has been timed."""
-  target = 10 if step_seconds is None else max(1, int(DISPATCH_SECONDS / max(step_seconds, 1e-9)))
-  return max(d for d in range(1, min(eval_every, target) + 1) if eval_every % d == 0)
-
-
-def _host_values(array) -> list[float]:
-  """A replicated vector's values (pmap: the first device's)."""
-  return np.asarray(array.addressable_shards[0].data, np.float64).reshape(-1).tolist()
+def _host_value(array) -> float:
+  """A replicated scalar's value (pmap: the first device's)."""
+  return float(np.asarray(array.addressable_shards[0].data, np.float64).reshape(-1)[0])
 
 
 def train_and_evaluate(config: Config, devices=None) -> dict:
@@ -136,10 +127,10 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   step = int(resume_step or 0)
   rows = local_rows(global_batch, all_devices, jax.process_index())
   if path == "device":
-    feed = DeviceFeed(parallel, train_images, train_labels)
+    feed = DeviceFeed(parallel, train_images, train_labels, batches, rows)
   else:
     feed = StreamFeed(parallel, train_source, batches, rows, step, config.steps, config.input_workers)
-  chunk_kwargs = dict(
+  step_kwargs = dict(
     model=model,
     optimizer=optimizer,
     batches=batches,
@@ -162,26 +153,24 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   start_time, last = time.time() - ((metrics.last or {}).get("wall_time") or 0.0), None
   show = config.progress if config.progress is not None else sys.stderr.isatty()
   bar = tqdm(total=config.steps, initial=step, disable=not show or not primary)
-  step_seconds, dispatches, losses = None, 0, []
+  losses = []
+  # Steps dispatched ahead of the device. On CPU host devices none: several
+  # collective programs in flight can deadlock XLA:CPU's in-process rendezvous.
+  in_flight = 0 if all_devices[0].platform == "cpu" else 2
   period_start = time.time()
+  program = parallel.train_step(state, resident=feed.path == "device", **step_kwargs)
   try:
     while step < config.steps:
-      until_eval = config.eval_every - step % config.eval_every
-      num_steps = 1 if feed.path == "stream" else dispatch_steps(config.eval_every, step_seconds)
-      num_steps = min(num_steps, until_eval, config.steps - step)
-      program = parallel.train_chunk(state, num_steps, resident=feed.path == "device", **chunk_kwargs)
-      t0 = time.time()
-      state, loss = program(state, *feed.chunk_inputs(step, num_steps))
+      state, loss = program(state, *feed.inputs(step))  # dispatched: the host runs ahead...
       losses.append(loss)
-      step, dispatches = step + num_steps, dispatches + 1
-      bar.update(num_steps)
-      if feed.path == "device" and dispatches == 2:  # compiled by now: time one step
-        jax.block_until_ready(loss)
-        step_seconds = (time.time() - t0) / num_steps
+      if len(losses) > in_flight:  # ...by a bounded number of steps
+        jax.block_until_ready(losses[-1 - in_flight])
+      step += 1
+      bar.update(1)
       if step % config.eval_every and step < config.steps:
         continue
-      # Exact sum of every step's loss: the same whatever the dispatches were (resume).
-      per_step = [value for losses_of_dispatch in losses for value in _host_values(losses_of_dispatch)]  # waits
+      # Exact sum of every step's loss: the same whatever was resumed where.
+      per_step = [_host_value(value) for value in losses]  # waits
       train_loss = math.fsum(per_step) / len(per_step)
       steps_per_sec = len(per_step) / (time.time() - period_start)  # training only
       losses = []

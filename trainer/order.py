@@ -6,13 +6,14 @@ it, and position p of that batch holds its p-th example. Every augmentation
 draws from a key of (seed, step, p). Nothing depends on how the devices are
 split over processes, on the input path, or on where a run was resumed.
 
-The hash is written once for NumPy (the streamed input, on the host) and
-jax.numpy (the device-resident input, inside the jitted step): both give the
-same bits, so both paths see the same batches.
+The order is computed on the host for both input paths. The hash is written
+once for NumPy (host) and jax.numpy (the device-resident path draws its
+augmentation inside the jitted step): both give the same bits.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -45,10 +46,10 @@ def hash_key(*parts, xp: Any = np):
   return h
 
 
-def epoch_permutation(seed: int, epoch, n: int, xp: Any = np):
+@functools.lru_cache(maxsize=2)  # this epoch's and the next one's, in every process and worker
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   """The order in which epoch `epoch` visits the n training examples."""
-  keys = hash_key(seed, epoch, xp.arange(n, dtype=xp.uint32), xp=xp)
-  return xp.argsort(keys, stable=True) if xp is not np else np.argsort(keys, kind="stable")
+  return np.argsort(hash_key(seed, epoch, np.arange(n, dtype=np.uint32)), kind="stable")
 
 
 def steps_per_epoch(n: int, global_batch: int) -> int:
@@ -56,13 +57,7 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
   return n // global_batch
 
 
-def example_indices(seed: int, step: int, positions: np.ndarray, n: int, global_batch: int, cache: dict | None = None):
-  """Training-set indices of `positions` of the global batch of `step` (host)."""
+def example_indices(seed: int, step: int, positions: np.ndarray, n: int, global_batch: int) -> np.ndarray:
+  """Training-set indices of `positions` of the global batch of `step`."""
   per_epoch = steps_per_epoch(n, global_batch)
-  epoch = step // per_epoch
-  if cache is None or cache.get("epoch") != epoch:
-    permutation = epoch_permutation(seed, epoch, n)
-    if cache is None:
-      return permutation[(step % per_epoch) * global_batch + positions]
-    cache.update(epoch=epoch, permutation=permutation)
-  return cache["permutation"][(step % per_epoch) * global_batch + positions]
+  return epoch_permutation(seed, step // per_epoch, n)[(step % per_epoch) * global_batch + positions]

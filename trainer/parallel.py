@@ -134,40 +134,34 @@ class Parallel:
 
     return run
 
-  def train_chunk(self, state, num_steps: int, resident: bool, **kwargs):
-    """A program (state, images, labels) -> (state, mean loss) of num_steps steps.
+  def train_step(self, state, resident: bool, **kwargs):
+    """The program of one step: (state, images, labels[, index]) -> (state, loss).
 
     `resident`: images/labels are the whole training split, replicated
-    (`replicate`); otherwise the steps' batches placed by `put_batches`.
+    (`replicate`), and index the batch's example indices (`put_batch` rows under
+    shard_map/pmap, replicated under jit); otherwise the step's batch (`put_batch`).
     """
-    key = ("chunk", num_steps, resident)
+    key = ("step", resident)
     if key not in self._jitted:
       specs = self._state_specs(state) if self.style == "shard_map" else None
-      data = P() if resident else P(None, AXIS)
+      data = (P(), P(), P(AXIS)) if resident else (P(AXIS), P(AXIS))
       fn = functools.partial(
-        steps.train_chunk,
-        num_steps=num_steps,
+        steps.train_batch,
         num_devices=self.num_devices,
         local=self.local,
-        resident=resident,
         **kwargs,
         batch_sharding=None if self.local else P(AXIS),
       )
-      self._jitted[key] = self._wrap(fn, (specs, data, data), (specs, P()), donate=(0,))
+      self._jitted[key] = self._wrap(fn, (specs, *data), (specs, P()), donate=(0,))
     return self._jitted[key]
 
-  def put_batches(self, images: np.ndarray, labels: np.ndarray):
-    """This process's rows of `num_steps` global batches, (num_steps, rows, ...) each,
-    as the inputs of a streamed `train_chunk` program."""
-    if self.style == "pmap":  # (devices, num_steps, per_device, ...): pmap places each device's share
-      local = len(self.local_devices)
-      split = lambda a: np.moveaxis(a.reshape(a.shape[0], local, -1, *a.shape[2:]), 1, 0)
-      return split(images), split(labels)
-    sharding = NamedSharding(self.mesh, P(None, AXIS))
-    place = lambda a: jax.make_array_from_process_local_data(
-      sharding, a, (a.shape[0], a.shape[1] * self.num_devices // len(self.local_devices), *a.shape[2:])
-    )
-    return place(images), place(labels)
+  def put_batch(self, rows: np.ndarray):
+    """This process's rows of a global batch (rows, ...) -> the program's input."""
+    if self.style == "pmap":  # (devices, per_device, ...): pmap places each device's share
+      return rows.reshape(len(self.local_devices), -1, *rows.shape[1:])
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    global_rows = rows.shape[0] * self.num_devices // len(self.local_devices)
+    return jax.make_array_from_process_local_data(sharding, rows, (global_rows, *rows.shape[1:]))
 
   def evaluate(self, state, batches, *, model, pixels):
     """Sums over the test set (host floats) and the tracked values of its examples.

@@ -7,16 +7,21 @@ support and dtypes as flax's module; the math is `jaxbn.batch_norm`.
 
 from __future__ import annotations
 
+import contextvars
 import typing as tp
 from types import MappingProxyType
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
 from jaxbn import checks, functional
 
-__all__ = ["BatchNorm", "BatchRenorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "FrozenBatchNorm"]
+
+# While jaxbn.nnx.population_stats runs the model: a list collecting (layer, Moments of its input).
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("jaxbn_nnx_recorder", default=None)
 
 # flax's defaults, made once (the constructor's signature is flax's).
 _ZEROS = initializers.zeros_init()
@@ -108,10 +113,10 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes `x`; `use_running_average` overrides the attribute."""
-    return self._normalize(x, use_running_average, mask, renorm_limits=None)
+    return self._normalize(x, use_running_average, mask)
 
-  def _normalize(self, x, use_running_average, mask, renorm_limits):
-    use_running_average = self.use_running_average if use_running_average is None else use_running_average
+  def _normalize(self, x, use_running_average, mask, renorm: functional.Renorm | None = None, frozen: bool = False):
+    use_running_average = frozen or (self.use_running_average if use_running_average is None else use_running_average)
     if use_running_average is None:
       raise ValueError(
         "use_running_average: not given to BatchNorm's constructor nor its call; "
@@ -125,26 +130,30 @@ class BatchNorm(nnx.Module):
     params = {name: value for name, value in (("scale", scale), ("bias", bias)) if value is not None}
     # flax.nnx's output dtype: the (promoted) input and parameters, or `dtype`.
     out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
+    if frozen and not getattr(self, "train_affine", True):
+      params = jax.tree.map(jax.lax.stop_gradient, params)
     # Training updates the stored statistics; inference reads them promoted.
     stats = {"mean": self.mean[...], "var": self.var[...]} if not use_running_average else {"mean": mean, "var": var}
-    y, new_stats = functional._batch_norm(
-      x,
-      params,
-      stats,
-      renorm_limits=renorm_limits,
-      training=not use_running_average,
+    groups = None
+    if self.batch_groups is not None:
+      fshape = (self.num_features,)
+      groups = self.batch_groups if jnp.shape(stats["mean"]) == fshape else functional.groups_of(stats, fshape)
+    recorder = _RECORDER.get()
+    if recorder is not None and not frozen:  # jaxbn.nnx.population_stats is reading this layer's batches
+      recorder.append((self, functional.moments(x, self.axis, mask=mask, batch_groups=groups)))
+    options = functional.BNOptions(
       axis=self.axis,
       momentum=self.momentum,
       epsilon=self.epsilon,
       axis_name=self.axis_name,
       axis_index_groups=self.axis_index_groups,
-      mask=mask,
       unbiased=self.unbiased,
       skip_nonfinite=self.skip_nonfinite,
       dtype=out_dtype,
-      batch_groups=(functional.groups_of(stats, (self.num_features,)) if self.batch_groups is not None else None),
-      batch_axis=0,
+      batch_groups=groups,
+      renorm=renorm,
     )
+    y, new_stats = functional.normalize(x, params, stats, options, training=not use_running_average, mask=mask)
     if not use_running_average:
       self.mean[...] = new_stats["mean"]
       self.var[...] = new_stats["var"]
@@ -176,10 +185,29 @@ class BatchRenorm(BatchNorm):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the attributes for this call."""
-    limits = (
+    renorm = functional.Renorm(
       self.r_max if r_max is None else r_max,
       self.d_max if d_max is None else d_max,
-      None,
-      self.stats_axis_name,
+      stats_axis_name=self.stats_axis_name,
     )
-    return self._normalize(x, use_running_average, mask, renorm_limits=limits)
+    return self._normalize(x, use_running_average, mask, renorm)
+
+
+class FrozenBatchNorm(BatchNorm):
+  """BN that always normalizes with its stored statistics and never updates them:
+  `jaxbn.FrozenBatchNorm` as an NNX module.
+
+  Arguments and state as `BatchNorm` (a BN checkpoint loads into it and back),
+  plus `train_affine` (False: `scale` and `bias` get no gradient; keep them out
+  of weight decay too, e.g. with an `nnx.Optimizer` whose `wrt` filter leaves
+  them out). A fresh layer is the identity (var starts at 1 - epsilon).
+  """
+
+  def __init__(self, num_features: int, *, train_affine: bool = False, **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.var[...] = jnp.full_like(self.var[...], 1 - self.epsilon)
+    self.train_affine = train_affine
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    """Normalizes `x` with the stored statistics (`use_running_average`, `mask` have no effect)."""
+    return self._normalize(x, use_running_average, mask, frozen=True)
