@@ -37,17 +37,35 @@ class BNMode:
     """Algorithm 2 re-estimates what this mode normalizes with (renorm trains on corrected ones)."""
     return self.layer is jaxbn.BatchNorm
 
-  def norm(self, momentum: float, num_devices: int | None, style: str):
-    """The layer factory for models run by `style` over `num_devices` devices;
-    without `num_devices`: the portable model (one set of statistics, no axis)."""
+  def groups(self, group_size: int | None, global_batch: int, num_devices: int) -> int | None:
+    """The normalization groups of the global batch: one per device, or of
+    `group_size` examples (`--bn-group-size`), each device holding whole groups;
+    None for modes that normalize over the global batch."""
+    if not self.per_device:
+      return None
+    if group_size is None:
+      return num_devices
+    groups, rest = divmod(global_batch, group_size)
+    if rest or groups % num_devices:
+      from trainer.config import ConfigError
+
+      raise ConfigError(
+        f"--bn-group-size: {group_size} must split the global batch of {global_batch} into groups that the "
+        f"{num_devices} devices hold whole (a divisor of the per-device batch {global_batch // num_devices})"
+      )
+    return groups
+
+  def norm(self, momentum: float, style: str, groups: int | None = None, placed: bool = True):
+    """The layer factory for models run by `style` (`groups`: see `groups`);
+    `placed=False`: the portable model (one set of statistics, no axis)."""
     if self.layer is None:
       return None
     kwargs: dict = {"momentum": momentum}
-    if num_devices is not None:
+    if placed:
       local = style != "jit"  # shard_map, pmap: the step runs per device over AXIS
       if self.per_device:
-        kwargs["batch_groups"] = num_devices
-        if self.layer is jaxbn.BatchRenorm and local:  # each device holds its own row
+        kwargs["batch_groups"] = groups
+        if self.layer is jaxbn.BatchRenorm and local:  # each device holds its own rows
           kwargs["stats_axis_name"] = AXIS
       elif local:
         kwargs["axis_name"] = AXIS

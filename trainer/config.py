@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16")
 INPUTS = ("auto", "device", "stream")
 AUGMENTATIONS = ("auto", "none", "crop-flip", "random-resized-crop")
 NORMALIZATIONS = ("unit", "standardize")
+POPULATION_ESTIMATORS = ("paper", "pooled", "both")
 CHECKPOINT_STEPS = 10_000  # checkpoint_every's default, rounded up to a multiple of eval_every
 STEP_DECAY_AT = (0.5, 0.75)  # --schedule step: lr / 10 at these shares of --steps (He et al.: 32k, 48k of 64k)
 
@@ -98,6 +99,15 @@ class Config:
   model: str = _flag("the model", "mlp", tuple(MODELS))
   bn: str = _flag("the BN mode", "none", tuple(BN_MODES))
   bn_momentum: float | None = _flag("running-average decay of BN statistics (flax meaning)")
+  bn_group_size: int | None = _flag(
+    "per-device/renorm: examples per normalization group (ghost BN; default: each device's batch); "
+    "a divisor of the per-device batch"
+  )
+  frozen_bn_steps: int = _flag(
+    "train the last N steps with BN frozen (jaxbn.FrozenBatchNorm: the running statistics, pooled over the "
+    "devices, fixed; scale and bias still trained); 0: off",
+    0,
+  )
   dtype: str = _flag(
     "computation dtype (parameters, optimizer state and BN statistics stay float32)", "float32", DTYPES
   )
@@ -140,6 +150,17 @@ class Config:
     "also evaluate with population statistics (paper Algorithm 2) over N training batches of the size BN "
     "normalizes over in training (one device's for per-device BN); 0: off",
     0,
+  )
+  population_estimator: str = _flag(
+    "--population-batches: the paper's Algorithm 2 (mean of per-batch unbiased variances), fvcore's pooled "
+    "estimator (mean and biased variance of every element), or both",
+    "paper",
+    POPULATION_ESTIMATORS,
+  )
+  eval_batch_stats: bool = _flag(
+    "also evaluate with each test batch's own statistics, at the normalization batch of training "
+    "(the train-test inconsistency of Wu & Johnson 2021)",
+    False,
   )
   checkpoint_every: int | None = _flag(
     "checkpoint every N steps, a multiple of --eval-every (default: 10,000 rounded up to one), and at the end"
@@ -184,6 +205,15 @@ class Config:
     _positive_int("warmup_steps", self.warmup_steps, zero=True)
     _positive_int("lr_decay_steps", self.lr_decay_steps, zero=True)
     _positive_int("population_batches", self.population_batches, zero=True)
+    _positive_int("frozen_bn_steps", self.frozen_bn_steps, zero=True)
+    if self.bn_group_size is not None:
+      _positive_int("bn_group_size", self.bn_group_size)
+      if not BN_MODES[self.bn].per_device:
+        _fail("bn_group_size", f"needs --bn per-device or renorm (normalization per group), got --bn {self.bn}")
+    if self.frozen_bn_steps and (BN_MODES[self.bn].layer is None or self.frozen_bn_steps >= self.steps):
+      _fail("frozen_bn_steps", f"needs BN (--bn {self.bn}) and fewer steps than --steps ({self.steps})")
+    if self.eval_batch_stats and BN_MODES[self.bn].layer is None:
+      _fail("eval_batch_stats", "needs BN (--bn none has no statistics)")
     if self.population_batches and not BN_MODES[self.bn].has_population_statistics:
       _fail("population_batches", f"needs --bn per-device or sync (BN's training statistics), got --bn {self.bn}")
     if self.lr_decay_steps and self.schedule != "constant":

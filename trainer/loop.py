@@ -48,11 +48,6 @@ class ArraySource:
     return [{"image": self.images[i], "label": int(self.labels[i])} for i in indices]
 
 
-def statistics_batch(config: Config, global_batch: int, num_devices: int) -> int:
-  """The examples one BN statistic is computed over in training."""
-  return global_batch // num_devices if BN_MODES[config.bn].per_device else global_batch
-
-
 def population_batches(config: Config, batches: Batches, source, pixels: Pixels, size: int) -> np.ndarray:
   """Algorithm 2's training batches: the first `size` examples of each of the
   first `config.population_batches` global batches of the run (the same ones
@@ -61,11 +56,15 @@ def population_batches(config: Config, batches: Batches, source, pixels: Pixels,
   return np.stack([pixels(batches.host_batch(source, step, range(size))[0]) for step in range(count)])
 
 
-def with_population_statistics(state, model, batches):
-  """The (portable) state with its running averages replaced by Algorithm 2's
-  population statistics of its current weights."""
+def with_population_statistics(state, model, batches, estimator: str):
+  """The (portable) state with its running averages replaced by the population
+  statistics of its current weights (PreciseBN, `jaxbn.population_stats`)."""
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, train=False))
+  return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, estimator=estimator, train=False))
+
+
+# --population-estimator -> the estimators evaluated, and their metrics' suffix
+ESTIMATOR_SUFFIX = {"paper": "", "pooled": "_pooled"}
 
 
 def _host_value(array) -> float:
@@ -103,7 +102,9 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     train_source = ArraySource(train_images, train_labels)
     test_source = ArraySource(*data_lib.read_split(data.test))
 
-  model, optimizer = make_model(config, data.num_classes, num_devices), make_optimizer(config)
+  groups = BN_MODES[config.bn].groups(config.bn_group_size, global_batch, num_devices)
+  statistics_batch = global_batch // groups if groups else global_batch  # examples per BN statistic in training
+  model, optimizer = make_model(config, data.num_classes, num_devices, global_batch), make_optimizer(config)
   eval_model = make_model(config, data.num_classes)  # reads the pooled running statistics
   state = create_train_state(config, batches.image_shape, num_classes=data.num_classes)
   out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     rundir.write_data_info(out, data.num_classes, batches.image_shape, pixels)
   metrics = rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
 
-  parallel = Parallel(config.parallel, all_devices, per_device_bn=BN_MODES[config.bn].per_device)
+  parallel = Parallel(config.parallel, all_devices, stat_rows=groups)
   state = parallel.put_state(state)
   step = int(resume_step or 0)
   rows = local_rows(global_batch, all_devices, jax.process_index())
@@ -142,12 +143,19 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   local_devices = range(rows.start // per_device, rows.stop // per_device)
   population = None
   if config.population_batches:
-    size = statistics_batch(config, global_batch, num_devices)
-    population = population_batches(config, batches, train_source, pixels, size)
+    population = population_batches(config, batches, train_source, pixels, statistics_batch)
+  estimators = ("paper", "pooled") if config.population_estimator == "both" else (config.population_estimator,)
 
-  def evaluate(state):
-    test = eval_batches(test_source, batches, num_devices, local_devices, eval_chunk(batches.image_shape))
-    return parallel.evaluate(state, test, model=eval_model, pixels=pixels)
+  def evaluate(state, batch_stats=False):
+    chunk = eval_chunk(batches.image_shape)
+    if batch_stats:  # whole normalization groups per device
+      chunk = max(statistics_batch, chunk // statistics_batch * statistics_batch)
+    test = eval_batches(test_source, batches, num_devices, local_devices, chunk)
+    groups = chunk // statistics_batch if batch_stats else None
+    return parallel.evaluate(state, test, model=eval_model, pixels=pixels, batch_stats_groups=groups)
+
+  def frozen(step):
+    return bool(config.frozen_bn_steps) and step >= config.steps - config.frozen_bn_steps
 
   # wall_time (seconds) continues across a resume
   start_time, last = time.time() - ((metrics.last or {}).get("wall_time") or 0.0), None
@@ -158,9 +166,14 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   # collective programs in flight can deadlock XLA:CPU's in-process rendezvous.
   in_flight = 0 if all_devices[0].platform == "cpu" else 2
   period_start = time.time()
-  program = parallel.train_step(state, resident=feed.path == "device", **step_kwargs)
+  if frozen(step):  # resumed in the frozen phase
+    state = parallel.synchronize(state)
+  program = parallel.train_step(state, resident=feed.path == "device", frozen_bn=frozen(step), **step_kwargs)
   try:
     while step < config.steps:
+      if frozen(step) and step == config.steps - config.frozen_bn_steps:  # the phase begins: pooled, then fixed
+        state = parallel.synchronize(state)
+        program = parallel.train_step(state, resident=feed.path == "device", frozen_bn=True, **step_kwargs)
       state, loss = program(state, *feed.inputs(step))  # dispatched: the host runs ahead...
       losses.append(loss)
       if len(losses) > in_flight:  # ...by a bounded number of steps
@@ -184,12 +197,17 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
         "wall_time": time.time() - start_time,
         "steps_per_sec": steps_per_sec,
       }
-      if population is not None:
-        pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population)
+      for estimator in estimators if population is not None else ():
+        pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population, estimator)
         pop_sums, _ = evaluate(parallel.put_state(pop_state))
+        suffix = ESTIMATOR_SUFFIX[estimator]
+        record[f"test_loss_population{suffix}"] = pop_sums["loss"] / pop_sums["count"]
+        record[f"test_accuracy_population{suffix}"] = pop_sums["correct"] / pop_sums["count"]
+      if config.eval_batch_stats:
+        batch_sums, _ = evaluate(state, batch_stats=True)
         record.update(
-          test_loss_population=pop_sums["loss"] / pop_sums["count"],
-          test_accuracy_population=pop_sums["correct"] / pop_sums["count"],
+          test_loss_batch_stats=batch_sums["loss"] / batch_sums["count"],
+          test_accuracy_batch_stats=batch_sums["correct"] / batch_sums["count"],
         )
       if config.model == "mlp":
         record.update(

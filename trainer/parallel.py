@@ -44,8 +44,11 @@ def _widen_rows(batch_stats, rows: int):
 class Parallel:
   """Places state and data and builds the parallel programs for one style."""
 
-  def __init__(self, style: str, devices, per_device_bn: bool):
-    self.style, self.per_device_bn = style, per_device_bn
+  def __init__(self, style: str, devices, stat_rows: int | None = None):
+    """`stat_rows`: per-device BN's rows of running statistics (one per normalization
+    group, each device holding stat_rows / devices of them); None: one set."""
+    self.style, self.stat_rows = style, stat_rows
+    self.per_device_bn = stat_rows is not None
     self.local = style != "jit"
     self.devices = list(devices)
     self.num_devices = len(self.devices)
@@ -91,10 +94,11 @@ class Parallel:
     state = jax.tree.map(np.asarray, state)
     stats = state.batch_stats
     if self.per_device_bn:
-      stats = jax.tree.map(np.asarray, _widen_rows(stats, self.num_devices))
+      stats = jax.tree.map(np.asarray, _widen_rows(stats, self.stat_rows))
     rest = state.replace(batch_stats={})
-    if self.style == "pmap":  # per-device BN: each device sees its own row, shape (1, features)
-      stats = self.shard(jax.tree.map(lambda a: a[:, None], stats)) if self.per_device_bn else self.replicate(stats)
+    if self.style == "pmap":  # per-device BN: each device sees its own rows, (rows / devices, features)
+      own_rows = lambda a: a.reshape(self.num_devices, -1, *a.shape[1:])
+      stats = self.shard(jax.tree.map(own_rows, stats)) if self.per_device_bn else self.replicate(stats)
     else:
       stats = self._put(stats, self._stats_spec())
     return self.replicate(rest).replace(batch_stats=stats)
@@ -102,7 +106,7 @@ class Parallel:
   def portable_state(self, state: TrainState) -> TrainState:
     """Host copy of the state with pooled running statistics (call after
     `synchronize`: then every device holds the same values)."""
-    if self.style == "pmap":  # the first device's values; per-device statistics: its (1, features) row
+    if self.style == "pmap":  # the first device's values; per-device statistics: its rows
       state = self._call("first", lambda s: jax.tree.map(lambda a: a[0], s), state)
     if self.per_device_bn:  # rows -> one set
       state = state.replace(batch_stats=self._call("pool", _pool_rows, state.batch_stats))
@@ -141,7 +145,7 @@ class Parallel:
     (`replicate`), and index the batch's example indices (`put_batch` rows under
     shard_map/pmap, replicated under jit); otherwise the step's batch (`put_batch`).
     """
-    key = ("step", resident)
+    key = ("step", resident, kwargs.get("frozen_bn", False))
     if key not in self._jitted:
       specs = self._state_specs(state) if self.style == "shard_map" else None
       data = (P(), P(), P(AXIS)) if resident else (P(AXIS), P(AXIS))
@@ -163,7 +167,7 @@ class Parallel:
     global_rows = rows.shape[0] * self.num_devices // len(self.local_devices)
     return jax.make_array_from_process_local_data(sharding, rows, (global_rows, *rows.shape[1:]))
 
-  def evaluate(self, state, batches, *, model, pixels):
+  def evaluate(self, state, batches, *, model, pixels, batch_stats_groups=None):
     """Sums over the test set (host floats) and the tracked values of its examples.
 
     `batches` yields this process's devices' shares (local_devices, chunk, ...)
@@ -171,7 +175,9 @@ class Parallel:
     (`make_model(config)`): evaluation reads one set of running statistics, the
     pooled one (call after `synchronize`).
     """
-    if "eval" not in self._jitted:
+    key = ("eval", batch_stats_groups)
+    if key not in self._jitted:
+      evaluate = functools.partial(steps.eval_step, model=model, pixels=pixels, batch_stats_groups=batch_stats_groups)
 
       def pooled(s):
         if not self.per_device_bn:
@@ -185,26 +191,24 @@ class Parallel:
         def fn(s, images, labels, valid):
           if self.style == "shard_map":  # this device's (1, chunk, ...) share
             images, labels, valid = images[0], labels[0], valid[0]
-          sums, tracked = steps.eval_step(pooled(s), images, labels, valid, model, True, pixels)
+          sums, tracked = evaluate(pooled(s), images, labels, valid, local=True)
           return sums, (tracked[None] if self.style == "shard_map" else tracked)
 
         specs = self._state_specs(state) if self.style == "shard_map" else None
-        self._jitted["eval"] = self._wrap(fn, (specs, P(AXIS), P(AXIS), P(AXIS)), (P(), P(AXIS)))
+        self._jitted[key] = self._wrap(fn, (specs, P(AXIS), P(AXIS), P(AXIS)), (P(), P(AXIS)))
       else:  # under jit: every device's share at once, then the sums
 
         def fn(s, images, labels, valid):
-          per_device = jax.vmap(
-            functools.partial(steps.eval_step, model=model, local=False, pixels=pixels), in_axes=(None, 0, 0, 0)
-          )
+          per_device = jax.vmap(functools.partial(evaluate, local=False), in_axes=(None, 0, 0, 0))
           sums, tracked = per_device(pooled(s), images, labels, valid)
           return jax.tree.map(lambda a: a.sum(0), sums), tracked
 
-        self._jitted["eval"] = self._wrap(fn, None, None)
+        self._jitted[key] = self._wrap(fn, None, None)
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     tracked_all = []
     read = _host_first if self.style == "pmap" else _host
     for images, labels, valid in batches:
-      sums, tracked = self._jitted["eval"](state, *self._put_local_rows((images, labels, valid)))
+      sums, tracked = self._jitted[key](state, *self._put_local_rows((images, labels, valid)))
       for name, value in sums.items():
         totals[name] += float(read(value))
       tracked = np.asarray(multihost_utils.process_allgather(tracked, tiled=True)).reshape(-1)
@@ -227,15 +231,21 @@ class Parallel:
       return state
     if self.style == "pmap":
       if "sync" not in self._jitted:
+
+        def pooled_over_devices(s):  # this device's rows pooled, then over the devices (equal weights)
+          stats = jaxbn.sync_batch_stats(_pool_rows(s.batch_stats), AXIS)
+          rows = jax.tree.map(lambda a: a.shape[0], s.batch_stats)
+          return s.replace(batch_stats=jax.tree.map(lambda a, n: jnp.broadcast_to(a, (n, *a.shape)), stats, rows))
+
         self._jitted["sync"] = jax.pmap(
-          lambda s: s.replace(batch_stats=jaxbn.sync_batch_stats(s.batch_stats, AXIS)),
+          pooled_over_devices,
           axis_name=AXIS,
           devices=self.devices if jax.process_count() == 1 else None,
         )
       return self._jitted["sync"](state)
 
-    def pooled(s):  # rows := the pooled set, still one row per device
-      rows = _widen_rows(_pool_rows(s.batch_stats), self.num_devices)
+    def pooled(s):  # rows := the pooled set, still one row per group
+      rows = _widen_rows(_pool_rows(s.batch_stats), self.stat_rows)
       return s.replace(batch_stats=jax.tree.map(lambda a: jax.sharding.reshard(a, P(AXIS)), rows))
 
     return self._call("sync", pooled, state)

@@ -31,11 +31,17 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
-def make_model(config: Config, num_classes: int = 10, num_devices: int | None = None) -> nn.Module:
+def make_model(
+  config: Config, num_classes: int = 10, num_devices: int | None = None, global_batch: int | None = None
+) -> nn.Module:
   """The configured model as a parallel style runs it over `num_devices`
   devices (see `bn_modes`); without `num_devices`: the model that evaluates
   the portable state (one set of statistics, no groups, no axis)."""
-  norm = BN_MODES[config.bn].norm(config.bn_momentum, num_devices, config.parallel)
+  mode = BN_MODES[config.bn]
+  groups = None
+  if num_devices is not None:
+    groups = mode.groups(config.bn_group_size, global_batch or config.global_batch(num_devices), num_devices)
+  norm = mode.norm(config.bn_momentum, config.parallel, groups, placed=num_devices is not None)
   return MODELS[config.model].build(config, norm, num_classes, jnp.dtype(config.dtype))
 
 

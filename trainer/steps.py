@@ -66,15 +66,19 @@ def train_step(
   renorm_schedule=None,
   pixels: Pixels = UNIT,
   label_smoothing: float = 0.0,
+  frozen_bn: bool = False,
 ):
   """One optimizer step on the batch of uint8 images (this device's share when `local`).
 
   `renorm_schedule`: step -> (r_max, d_max) for the model's BatchRenorm layers.
+  `frozen_bn`: every BN layer runs as `jaxbn.FrozenBatchNorm` (its running
+  statistics fixed; scale and bias still trained).
   """
 
   def loss_fn(params):
     limits = contextlib.nullcontext() if renorm_schedule is None else _with_renorm_limits(renorm_schedule(state.step))
-    with limits:
+    frozen = jaxbn.swap_batch_norm("frozen", train_affine=True) if frozen_bn else contextlib.nullcontext()
+    with limits, frozen:
       (logits, _), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats},
         pixels(images),
@@ -126,14 +130,37 @@ def train_batch(
   return train_step(state, images, labels, dropout_key=dropout_key, local=local, **step_kwargs)
 
 
-def eval_step(state: TrainState, images, labels, valid, model, local: bool, pixels: Pixels = UNIT):
+def _with_mask(valid):
+  """Passes `valid` (one flag per example) as every BN layer's mask."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, nn.BatchNorm | jaxbn.BatchNorm):
+      x = args[0]
+      kwargs = {**kwargs, "mask": valid.reshape(valid.shape + (1,) * (x.ndim - 1))}
+    return next_fun(*args, **kwargs)
+
+  return nn.intercept_methods(intercept)
+
+
+def eval_step(
+  state: TrainState, images, labels, valid, model, local: bool, pixels: Pixels = UNIT, batch_stats_groups=None
+):
   """Loss and accuracy sums over the valid test examples given (running statistics),
   and the pre-activation of unit 0 of the last hidden layer per example (MLP).
 
   `local`: this device's share, sums over every device (psum).
+  `batch_stats_groups`: instead of the running statistics, every BN layer
+  normalizes each of this many groups of examples with the group's own
+  statistics (padding excluded), as training does.
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  logits, extras = model.apply(variables, pixels(images), train=False)
+  if batch_stats_groups is None:
+    logits, extras = model.apply(variables, pixels(images), train=False)
+  else:
+    swap = jaxbn.swap_batch_norm(batch_groups=batch_stats_groups, use_running_average=False, axis_name=None)
+    with _with_mask(valid), swap:
+      (logits, extras), _ = model.apply(variables, pixels(images), train=False, mutable=["batch_stats"])
   # log_softmax, not optax's loss: under jit-style evaluation (vmap over the
   # device-sharded axis of an Explicit mesh) optax's logsumexp select fails
   # JAX's sharding check for some models (the sigmoid Inception net).
