@@ -51,6 +51,18 @@ E3_BATCHES = (2, 4, 8, 16, 32)
 E3_LR = 0.5
 STYLES = ("jit", "shard_map", "pmap")
 
+# E4: ResNet-20 on Fashion-MNIST at a global batch of 128; the normalization batch
+# swept. Sizes up to the per-device batch (16) run per device on 8 host devices
+# (smaller ones as groups of each device's batch); 32 and 64 as groups of the
+# global batch on one device; 128 is synced BN over the 8 devices.
+E4_STEPS = 600
+E4_GLOBAL_BATCH = 128
+E4_DEVICES = 8
+E4_SIZES = (2, 4, 8, 16, 32, 64, 128)
+E4_REPAIRS = (2, 4)  # where Batch Renorm and a FrozenBatchNorm final phase are tried
+E4_PRECISE_SAMPLES = 10_000  # PreciseBN's training samples (Wu & Johnson: 10^3-10^4 suffice)
+E4_FROZEN_SHARE = 5  # the FrozenBN phase: the last 1/5 of the steps
+
 SIZES = {
   "full": dict(
     e1_steps=50_000,
@@ -68,6 +80,9 @@ SIZES = {
     e3_batches=E3_BATCHES,
     e3_styles=STYLES,
     population_batches=200,
+    e4_steps=E4_STEPS,
+    e4_seeds=(0, 1, 2),
+    e4_sizes=E4_SIZES,
   ),
   "default": dict(
     e1_steps=5000,
@@ -85,6 +100,9 @@ SIZES = {
     e3_batches=(2, 8, 32),
     e3_styles=("jit",),
     population_batches=50,
+    e4_steps=100,
+    e4_seeds=(0,),
+    e4_sizes=(2, 16),
   ),
 }
 
@@ -220,4 +238,43 @@ def runs(size: str) -> list[Run]:
               {"mode": mode, "style": style, "per_device_batch": batch, "seed": seed},
             )
           )
+  for seed in s["e4_seeds"]:
+    for size in s["e4_sizes"]:
+      plan.append(_e4_run(s["e4_steps"], seed, size, "BN"))
+      if size in E4_REPAIRS and size in s["e4_sizes"]:
+        plan.append(_e4_run(s["e4_steps"], seed, size, "Batch Renorm"))
+        plan.append(_e4_run(s["e4_steps"], seed, size, "FrozenBN final phase"))
   return plan
+
+
+def _e4_run(steps: int, seed: int, size: int, mode: str) -> Run:
+  """One E4 run: normalization batch `size` of the global 128, evaluated four ways at the end."""
+  per_device = E4_GLOBAL_BATCH // E4_DEVICES
+  if size == E4_GLOBAL_BATCH:
+    placement = dict(bn="sync", devices=E4_DEVICES)
+  elif size <= per_device:
+    placement = dict(bn="per-device", devices=E4_DEVICES, **({"bn_group_size": size} if size < per_device else {}))
+  else:
+    placement = dict(bn="per-device", devices=1, bn_group_size=size)
+  extra: dict = {"eval_batch_stats": ""}
+  if mode == "Batch Renorm":
+    placement["bn"] = "renorm"
+  else:
+    extra.update(population_batches=max(1, E4_PRECISE_SAMPLES // size), population_estimator="both")
+  if mode == "FrozenBN final phase":
+    extra["frozen_bn_steps"] = steps // E4_FROZEN_SHARE
+  slug = {"BN": "bn", "Batch Renorm": "renorm", "FrozenBN final phase": "frozen"}[mode]
+  args = _flags(
+    model="resnet20",
+    dataset="fashion_mnist",
+    global_batch_size=E4_GLOBAL_BATCH,
+    steps=steps,
+    eval_every=steps,
+    checkpoint_every=steps,
+    seed=seed,
+    **placement,
+    **extra,
+  )
+  return Run(
+    "e4", f"{slug}-n{size}-seed{seed}", tuple(a for a in args if a != ""), {"mode": mode, "size": size, "seed": seed}
+  )

@@ -93,20 +93,18 @@ def test_per_device_synced_and_renorm_runs_differ(runs):
 
 @pytest.mark.parametrize("bn", ["per-device", "sync"])
 def test_population_evaluation_is_algorithm_2_of_the_final_weights(runs, bn):
-  """The recorded population accuracy, recomputed here: Algorithm 2 over batches of
-  the size BN normalized over in training (one device's 8 examples for per-device
-  BN, the global 64 for synced BN: the first ones of the run's first global
-  batches), from the run's checkpointed weights."""
+  """The recorded population accuracy, recomputed here: Algorithm 2 over the
+  normalization batches of training (one device's 8 examples for per-device BN,
+  the global 64 for synced BN), the first ones of the run, from the run's
+  checkpointed weights."""
   metrics, saved = runs[bn, "jit"]
   config = dataclasses.replace(runs["config"], bn=bn)
   dataset = data.load(config.dataset, data_dir=config.data_dir, idx_dir=config.idx_dir)
   size = config.batch_size * (8 if bn == "sync" else 1)
-  global_batch = config.batch_size * 8
-  batches = []
-  for step in range(POPULATION_BATCHES):  # the order's definition: epoch 0's permutation, step after step
-    permutation = order.epoch_permutation(config.seed, 0, len(dataset.train_labels))
-    picks = permutation[step * global_batch : step * global_batch + size]
-    batches.append(dataset.train_images[picks].astype(np.float32) / 255)
+  # The order's definition: epoch 0's permutation, global batch after global batch, cut in groups.
+  permutation = order.epoch_permutation(config.seed, 0, len(dataset.train_labels))
+  picks = permutation[: POPULATION_BATCHES * size].reshape(POPULATION_BATCHES, size)
+  batches = [dataset.train_images[p].astype(np.float32) / 255 for p in picks]
   model = trainer.make_model(config)
   variables = {"params": saved.params, "batch_stats": saved.batch_stats}
   population = jaxbn.population_stats(model, variables, batches, train=False)

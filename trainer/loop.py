@@ -49,11 +49,14 @@ class ArraySource:
 
 
 def population_batches(config: Config, batches: Batches, source, pixels: Pixels, size: int) -> np.ndarray:
-  """Algorithm 2's training batches: the first `size` examples of each of the
-  first `config.population_batches` global batches of the run (the same ones
-  at every evaluation), preprocessed as training preprocesses them."""
-  count = min(config.population_batches, batches.steps_per_epoch)
-  return np.stack([pixels(batches.host_batch(source, step, range(size))[0]) for step in range(count)])
+  """PreciseBN's training batches: the normalization batches (groups of `size`)
+  of the run's first global batches, `config.population_batches` of them (the
+  same ones at every evaluation), preprocessed as training preprocesses them."""
+  per_step = batches.global_batch // size
+  steps = min(-(-config.population_batches // per_step), batches.steps_per_epoch)
+  images = np.concatenate([batches.host_batch(source, step, range(batches.global_batch))[0] for step in range(steps)])
+  groups = images.reshape(-1, size, *images.shape[1:])[: config.population_batches]
+  return np.stack([pixels(group) for group in groups])
 
 
 def with_population_statistics(state, model, batches, estimator: str):
