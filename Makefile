@@ -75,10 +75,12 @@ report: $(STAMP)
 # to the OS and page-faulting them back in is a large part of every CPU
 # timing of these shapes): the second column of benchmarks/README.md.
 BENCH_TUNED_ENV := MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912
-bench: $(STAMP)
+bench: data
 	$(PY) benchmarks/bn_layer.py
 	$(PY) benchmarks/synced.py
 	$(PY) benchmarks/train_steps.py
+	$(PY) benchmarks/resnet_steps.py
+	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/parallel_styles.py
 	$(BENCH_TUNED_ENV) $(PY) benchmarks/bn_layer.py
 	$(PY) benchmarks/summary.py

@@ -93,6 +93,14 @@ def make_parser():
     help="give up when the other processes are not reached within this time (default: 120)",
   )
   parser.add_argument(
+    "--peer-timeout",
+    type=int,
+    default=60,
+    metavar="SECONDS",
+    help="several processes: a process whose peer has not answered for this long (killed, crashed, machine "
+    "gone) exits with one line instead of hanging on a collective (default: 60)",
+  )
+  parser.add_argument(
     "--distributed",
     action="store_true",
     help="jax.distributed.initialize() with JAX's cluster auto-detection (SLURM, TPU pods, ...)",
@@ -116,8 +124,9 @@ def parse_args(argv=None):
     parser.error("--coordinator, --num-processes and --process-id: give all three, or none")
   if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
     parser.error(f"--process-id: expected 0..{args.num_processes - 1}, got {args.process_id}")
-  if args.connect_timeout < 1:
-    parser.error(f"--connect-timeout: expected a positive number of seconds, got {args.connect_timeout}")
+  for flag in ("connect_timeout", "peer_timeout"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag.replace('_', '-')}: expected a positive number of seconds, got {getattr(args, flag)}")
   return config, args, parser
 
 
@@ -126,9 +135,12 @@ def main(argv=None):
   # The training stack is imported only now: --help and usage errors stay fast.
   from pathlib import Path
 
+  import jax
+
   from trainer import rundir
   from trainer.data import DatasetError
-  from trainer.loop import CheckpointError, NonFiniteLossError, setup_devices, train_and_evaluate
+  from trainer.distributed import exit_now
+  from trainer.loop import CheckpointError, NonFiniteLossError, Preempted, setup_devices, train_and_evaluate
 
   try:
     if args.overwrite and rundir.holds_run(Path(config.out)):
@@ -141,12 +153,29 @@ def main(argv=None):
       args.process_id,
       auto_detect=args.distributed,
       timeout=args.connect_timeout,
+      peer_timeout=args.peer_timeout,
     )
     last = train_and_evaluate(config, devices)
   except (rundir.RunDirError, ConfigError) as error:
     parser.error(str(error))
   except (DatasetError, NonFiniteLossError, CheckpointError, ConnectionError) as error:
     sys.exit(f"error: {error}")
+  except Preempted as stopped:
+    again = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--resume", "--overwrite")]
+    print(
+      f"stopped at step {stopped.step} on {stopped.signal_name}: its checkpoint is in {config.out}/checkpoints; "
+      f"continue with: python train.py {' '.join(again)} --resume",
+      file=sys.stderr,
+    )
+    sys.exit(0)
+  except Exception as error:
+    if jax.process_count() == 1:
+      raise
+    # Several processes: most often a collective failed because another process died.
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    exit_now(
+      f"error: process {jax.process_index()}: {type(error).__name__}: {reason} (another process died?); exiting."
+    )
   print(
     f"step {last['step']}: test accuracy {last['test_accuracy']:.4f}, "
     f"test loss {last['test_loss']:.4f} (wall time {last['wall_time']:.1f} s)"

@@ -9,7 +9,7 @@ from experiments.plan import E1_SETTINGS, E3_BATCHES, E3_MODES, SIZES, STYLES, r
 @pytest.mark.parametrize("size", ["default", "full"])
 def test_every_planned_run_parses(size):
   plan = runs(size)
-  assert {r.experiment for r in plan} == {"e1", "e1_sweep", "e2", "e3"}
+  assert {r.experiment for r in plan} == {"e1", "e1_sweep", "e2", "e3", "e4"}
   names = [(r.experiment, r.name) for r in plan]
   assert len(names) == len(set(names))  # each run has its own output directory
   for run in plan:
@@ -35,3 +35,28 @@ def test_the_full_plan_is_what_issue_12_asks_for():
     assert styles == (set(STYLES) if devices > 1 else {"jit"}), mode
   per_device = [r for r in e3 if r.labels["mode"] == "per-device BN"]
   assert all("--population-batches" in r.args for r in per_device)
+
+
+def test_the_full_e4_plan_is_what_issue_20_asks_for():
+  """ResNet-20, global batch 128, the normalization batch 2..128 with 3 seeds; the size
+  equal to the per-device batch as per-device BN on 8 devices; four evaluations; Batch
+  Renorm and a FrozenBN final phase at the two smallest sizes."""
+  e4 = [r for r in runs("full") if r.experiment == "e4"]
+  configs = {r.name: (r, train.parse_args([*r.args, "--out", "unused"])[0]) for r in e4}
+  assert {r.labels["size"] for r in e4} == {2, 4, 8, 16, 32, 64, 128}
+  for run, config in configs.values():
+    assert (config.model, config.dataset, config.global_batch_size) == ("resnet20", "fashion_mnist", 128)
+    devices = config.devices
+    size = config.bn_group_size or (128 if config.bn == "sync" else 128 // devices)
+    assert size == run.labels["size"], run.name
+    assert config.eval_batch_stats
+    if run.labels["mode"] != "Batch Renorm":
+      assert config.population_estimator == "both" and config.population_batches * size >= 9_000
+  for mode in ("BN", "Batch Renorm", "FrozenBN final phase"):
+    seeds = {(r.labels["size"], r.labels["seed"]) for r in e4 if r.labels["mode"] == mode}
+    sizes = {2, 4, 8, 16, 32, 64, 128} if mode == "BN" else {2, 4}
+    assert seeds == {(n, s) for n in sizes for s in (0, 1, 2)}, mode
+  per_device = configs["bn-n16-seed0"][1]
+  assert (per_device.bn, per_device.devices, per_device.bn_group_size) == ("per-device", 8, None)
+  frozen = configs["frozen-n2-seed0"][1]
+  assert 0.1 * frozen.steps <= frozen.frozen_bn_steps <= 0.2 * frozen.steps

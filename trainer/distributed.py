@@ -1,4 +1,11 @@
-"""Starting JAX on one process or several (`jax.distributed`), with errors that say what to do."""
+"""Starting JAX on one process or several (`jax.distributed`), with errors that say what to do.
+
+Several processes: JAX's own messages (C++, on file descriptor 2) go to a log
+file whose path is printed, so that what a user reads is one line per event;
+a watch thread exits this process with one line when another process stops
+answering (killed, crashed, its machine gone) instead of letting it hang in a
+collective or end in JAX's abort.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -16,13 +24,20 @@ from trainer.config import Config
 
 
 def setup_devices(
-  config: Config, coordinator=None, num_processes=None, process_id=None, auto_detect=False, timeout: int = 120
+  config: Config,
+  coordinator=None,
+  num_processes=None,
+  process_id=None,
+  auto_detect=False,
+  timeout: int = 120,
+  peer_timeout: int = 60,
 ):
   """Starts JAX (several processes if asked) and returns this process's devices to use.
 
   Several processes: pass the coordinator, or `auto_detect` to let JAX find
   the cluster (SLURM, TPU pods, ...). A process that cannot reach the others
-  within `timeout` seconds raises ConnectionError naming the address.
+  within `timeout` seconds raises ConnectionError naming the address; once
+  running, one whose peer stops answering for `peer_timeout` seconds exits (1).
   """
   if config.devices:
     jax.config.update("jax_num_cpu_devices", config.devices)
@@ -47,7 +62,11 @@ def setup_devices(
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=timeout,
+        # JAX's own detection: a backstop behind the watch below, which is quicker and says it in one line
+        heartbeat_timeout_seconds=3 * peer_timeout,
       )
+    _native_stderr_to(log)
+    PeerWatch(peer_timeout, log).start()
   devices = jax.local_devices()
   if config.devices:
     if len(devices) < config.devices:
@@ -85,3 +104,60 @@ def _stderr_to(path: Path):
   finally:
     os.dup2(saved, 2)
     os.close(saved)
+
+
+def _native_stderr_to(path: Path) -> None:
+  """From now on C++ writes to `path`; Python's sys.stderr keeps the terminal."""
+  sys.stderr.flush()
+  terminal = os.dup(2)
+  with open(path, "ab") as f:
+    os.dup2(f.fileno(), 2)
+  sys.stderr = os.fdopen(terminal, "w", buffering=1)
+
+
+def exit_now(message: str, code: int = 1) -> None:
+  """One line, then exit at once: after a peer died, JAX's shutdown would wait
+  for it and then abort with a stack trace."""
+  print(message, file=sys.stderr, flush=True)
+  os._exit(code)
+
+
+class PeerWatch(threading.Thread):
+  """Every process counts up its own key in the coordination service's store
+  every second and watches the others'; a count that stops moving for
+  `timeout` seconds (or a store that stops answering: the coordinator is
+  gone) means that process is dead, and this one exits with one line."""
+
+  PREFIX = "jaxbn/alive/"
+
+  def __init__(self, timeout: int, log: Path):
+    super().__init__(daemon=True, name="jaxbn-peer-watch")
+    self.timeout, self.log = timeout, log
+
+  def run(self):
+    from jax._src import distributed
+
+    client, me = distributed.global_state.client, jax.process_index()
+    seen: dict[str, tuple[str, float]] = {}
+    store_ok = time.time()
+    while True:
+      now = time.time()
+      try:
+        client.key_value_increment(f"{self.PREFIX}{me}", 1)
+        for key, value in client.key_value_dir_get(self.PREFIX):
+          if seen.get(key, ("", 0.0))[0] != value:
+            seen[key] = (value, now)
+        store_ok = now
+      except Exception:
+        if now - store_ok > self.timeout:
+          exit_now(
+            f"error: process {me}: the coordinator (process 0) has not answered for {now - store_ok:.0f} s "
+            f"(--peer-timeout {self.timeout}); exiting. JAX's messages: {self.log}"
+          )
+      for key, (_, moved) in seen.items():
+        if now - moved > self.timeout:
+          exit_now(
+            f"error: process {me}: process {key.rsplit('/', 1)[-1]} stopped answering {now - moved:.0f} s ago "
+            f"(killed or crashed?; --peer-timeout {self.timeout}); exiting. JAX's messages: {self.log}"
+          )
+      time.sleep(1.0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import jaxbn
@@ -20,9 +21,10 @@ from trainer.config import Config
 from trainer.distributed import setup_devices
 from trainer.input import Batches, DeviceFeed, Pixels, StreamFeed, eval_batches, eval_chunk, local_rows, plan_batches
 from trainer.parallel import Parallel
+from trainer.preemption import Preempted, StopSignals
 from trainer.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
 
-__all__ = ["CheckpointError", "NonFiniteLossError", "setup_devices", "train_and_evaluate"]
+__all__ = ["CheckpointError", "NonFiniteLossError", "Preempted", "setup_devices", "train_and_evaluate"]
 
 PERCENTILES = (15, 50, 85)
 
@@ -70,9 +72,12 @@ def with_population_statistics(state, model, batches, estimator: str):
 ESTIMATOR_SUFFIX = {"paper": "", "pooled": "_pooled"}
 
 
-def _host_value(array) -> float:
-  """A replicated scalar's value (pmap: the first device's)."""
-  return float(np.asarray(array.addressable_shards[0].data, np.float64).reshape(-1)[0])
+def _floats(losses: list) -> list[float]:
+  """Per-step losses as floats: replicated scalars (pmap: the first device's), or floats already."""
+  return [
+    value if isinstance(value, float) else float(np.asarray(value.addressable_shards[0].data).reshape(-1)[0])
+    for value in losses
+  ]
 
 
 def train_and_evaluate(config: Config, devices=None) -> dict:
@@ -91,12 +96,20 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   primary = jax.process_index() == 0
   out = Path(config.out)
 
-  data = data_lib.open_dataset(
-    None if config.image_folder else config.dataset,
-    image_folder=config.image_folder,
-    data_dir=config.data_dir,
-    idx_dir=config.idx_dir,
-  )
+  def open_data():
+    return data_lib.open_dataset(
+      None if config.image_folder else config.dataset,
+      image_folder=config.image_folder,
+      data_dir=config.data_dir,
+      idx_dir=config.idx_dir,
+    )
+
+  if jax.process_count() == 1:
+    data = open_data()
+  else:  # process 0 prepares a shared data dir; the others open it after (or prepare their own)
+    data = open_data() if primary else None
+    multihost_utils.sync_global_devices("jaxbn: the data is prepared")
+    data = data or open_data()
   batches, path = plan_batches(config, data, global_batch)
   pixels = Pixels(*data.channel_stats()) if config.normalize == "standardize" else steps.UNIT
   train_source, test_source = data.train, data.test
@@ -127,7 +140,8 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   metrics = rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
 
   parallel = Parallel(config.parallel, all_devices, stat_rows=groups)
-  state = parallel.put_state(state)
+  pending = rundir.read_pending(out, step=resume_step) if resume_step is not None else None
+  state = parallel.put_state(state, rows=pending.rows if pending else None)
   step = int(resume_step or 0)
   rows = local_rows(global_batch, all_devices, jax.process_index())
   if path == "device":
@@ -160,11 +174,36 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   def frozen(step):
     return bool(config.frozen_bn_steps) and step >= config.steps - config.frozen_bn_steps
 
+  def record(step, state, losses, period_seconds):
+    """The evaluation record of `step`: train loss of the period, test set with the
+    running statistics (and PreciseBN, test-batch statistics where asked)."""
+    # Exact sum of every step's loss: the same whatever was resumed where.
+    per_step = _floats(losses)  # waits
+    result = {"step": step, "train_loss": math.fsum(per_step) / len(per_step)}
+    steps_per_sec = len(per_step) / period_seconds  # training only
+    sums, tracked = evaluate(state)
+    result.update(test_loss=sums["loss"] / sums["count"], test_accuracy=sums["correct"] / sums["count"])
+    result.update(wall_time=time.time() - start_time, steps_per_sec=steps_per_sec)
+    for estimator in estimators if population is not None else ():
+      pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population, estimator)
+      pop_sums, _ = evaluate(parallel.put_state(pop_state))
+      suffix = ESTIMATOR_SUFFIX[estimator]
+      result[f"test_loss_population{suffix}"] = pop_sums["loss"] / pop_sums["count"]
+      result[f"test_accuracy_population{suffix}"] = pop_sums["correct"] / pop_sums["count"]
+    if config.eval_batch_stats:
+      batch_sums, _ = evaluate(state, batch_stats=True)
+      result["test_loss_batch_stats"] = batch_sums["loss"] / batch_sums["count"]
+      result["test_accuracy_batch_stats"] = batch_sums["correct"] / batch_sums["count"]
+    if config.model == "mlp":
+      values = np.percentile(tracked, PERCENTILES)
+      result.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)})
+    return result
+
   # wall_time (seconds) continues across a resume
   start_time, last = time.time() - ((metrics.last or {}).get("wall_time") or 0.0), None
   show = config.progress if config.progress is not None else sys.stderr.isatty()
   bar = tqdm(total=config.steps, initial=step, disable=not show or not primary)
-  losses = []
+  losses: list = pending.losses if pending else []
   # Steps dispatched ahead of the device. On CPU host devices none: several
   # collective programs in flight can deadlock XLA:CPU's in-process rendezvous.
   in_flight = 0 if all_devices[0].platform == "cpu" else 2
@@ -172,6 +211,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   if frozen(step):  # resumed in the frozen phase
     state = parallel.synchronize(state)
   program = parallel.train_step(state, resident=feed.path == "device", frozen_bn=frozen(step), **step_kwargs)
+  stop = StopSignals(jax.process_count())
   try:
     while step < config.steps:
       if frozen(step) and step == config.steps - config.frozen_bn_steps:  # the phase begins: pooled, then fixed
@@ -183,53 +223,34 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
         jax.block_until_ready(losses[-1 - in_flight])
       step += 1
       bar.update(1)
-      if step % config.eval_every and step < config.steps:
-        continue
-      # Exact sum of every step's loss: the same whatever was resumed where.
-      per_step = [_host_value(value) for value in losses]  # waits
-      train_loss = math.fsum(per_step) / len(per_step)
-      steps_per_sec = len(per_step) / (time.time() - period_start)  # training only
-      losses = []
-      state = parallel.synchronize(state)
-      sums, tracked = evaluate(state)
-      record = {
-        "step": step,
-        "train_loss": train_loss,
-        "test_loss": sums["loss"] / sums["count"],
-        "test_accuracy": sums["correct"] / sums["count"],
-        "wall_time": time.time() - start_time,
-        "steps_per_sec": steps_per_sec,
-      }
-      for estimator in estimators if population is not None else ():
-        pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population, estimator)
-        pop_sums, _ = evaluate(parallel.put_state(pop_state))
-        suffix = ESTIMATOR_SUFFIX[estimator]
-        record[f"test_loss_population{suffix}"] = pop_sums["loss"] / pop_sums["count"]
-        record[f"test_accuracy_population{suffix}"] = pop_sums["correct"] / pop_sums["count"]
-      if config.eval_batch_stats:
-        batch_sums, _ = evaluate(state, batch_stats=True)
-        record.update(
-          test_loss_batch_stats=batch_sums["loss"] / batch_sums["count"],
-          test_accuracy_batch_stats=batch_sums["correct"] / batch_sums["count"],
-        )
-      if config.model == "mlp":
-        record.update(
-          {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(tracked, PERCENTILES), strict=True)}
-        )
-      metrics.write(record)
-      bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{train_loss:.4f}")
-      if not math.isfinite(train_loss):
-        kept = checkpoints.latest_step()
-        raise NonFiniteLossError(
-          f"step {step}: the training loss is {train_loss}; the run stopped "
-          f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
-          f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std."
-        )
-      if step % config.checkpoint_every == 0 or step == config.steps:
+      if step % config.eval_every == 0 or step == config.steps:
+        state = parallel.synchronize(state)
+        last = record(step, state, losses, time.time() - period_start)
+        losses = []
+        metrics.write(last)
+        bar.set_postfix(acc=f"{last['test_accuracy']:.4f}", loss=f"{last['train_loss']:.4f}")
+        if not math.isfinite(last["train_loss"]):
+          kept = checkpoints.latest_step()
+          raise NonFiniteLossError(
+            f"step {step}: the training loss is {last['train_loss']}; the run stopped "
+            f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
+            f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std."
+          )
+        if step % config.checkpoint_every == 0 or step == config.steps:
+          _save(checkpoints, step, parallel.portable_state(state), out)
+        period_start = time.time()
+      if stop.should_stop(step) and step < config.steps:
+        # Mid-period: per-device BN's rows are kept as they are (an uninterrupted
+        # run pools them only at the next evaluation), beside the losses so far.
+        rows = parallel.row_stats(state) if groups else None
+        state = parallel.synchronize(state)
         _save(checkpoints, step, parallel.portable_state(state), out)
-      last = record
-      period_start = time.time()
+        if primary:
+          rundir.write_pending(out, step, _floats(losses), rows)
+        checkpoints.wait_until_finished()
+        raise Preempted(step, stop.received or "a signal")
   finally:
+    stop.close()
     bar.close()
     feed.close()
   checkpoints.wait_until_finished()

@@ -89,12 +89,13 @@ class Parallel:
       batch_stats=jax.tree.map(lambda _: self._stats_spec(), state.batch_stats),
     )
 
-  def put_state(self, state: TrainState) -> TrainState:
-    """The portable state, placed for this style."""
+  def put_state(self, state: TrainState, rows=None) -> TrainState:
+    """The portable state, placed for this style; per-device BN's `rows` (from
+    `row_stats`), where given, instead of the portable state's pooled set."""
     state = jax.tree.map(np.asarray, state)
     stats = state.batch_stats
     if self.per_device_bn:
-      stats = jax.tree.map(np.asarray, _widen_rows(stats, self.stat_rows))
+      stats = jax.tree.map(np.asarray, _widen_rows(stats, self.stat_rows) if rows is None else rows)
     rest = state.replace(batch_stats={})
     if self.style == "pmap":  # per-device BN: each device sees its own rows, (rows / devices, features)
       own_rows = lambda a: a.reshape(self.num_devices, -1, *a.shape[1:])
@@ -111,6 +112,15 @@ class Parallel:
     if self.per_device_bn:  # rows -> one set
       state = state.replace(batch_stats=self._call("pool", _pool_rows, state.batch_stats))
     return jax.tree.map(_host, state)
+
+  def row_stats(self, state):
+    """Per-device BN: the running statistics' rows, one per group, on the host."""
+
+    def host(a):
+      a = np.asarray(multihost_utils.process_allgather(a, tiled=True))
+      return a.reshape(-1, *a.shape[2:]) if self.style == "pmap" else a  # pmap: (devices, rows / devices, ...)
+
+    return jax.tree.map(host, state.batch_stats)
 
   # ---- programs -------------------------------------------------------------
 

@@ -7,8 +7,10 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from flax import traverse_util
 
 from trainer.config import Config
 
@@ -98,3 +100,31 @@ def write_data_info(out: Path, num_classes: int, image_shape, pixels) -> None:
 
 def read_data_info(out: Path) -> dict:
   return json.loads((Path(out) / "data.json").read_text())
+
+
+PENDING = "pending.npz"  # what a preemption left of an unfinished evaluation period
+
+
+class Pending(NamedTuple):
+  losses: list[float]  # each step's training loss since the last evaluation
+  rows: dict | None  # per-device BN: the running statistics' rows (the checkpoint holds them pooled)
+
+
+def write_pending(out: Path, step: int, losses: list[float], rows: dict | None) -> None:
+  arrays = {"step": np.asarray(step), "losses": np.asarray(losses, np.float64)}
+  if rows is not None:
+    arrays.update({"rows/" + "/".join(k): v for k, v in traverse_util.flatten_dict(rows).items()})
+  with open(out / PENDING, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def read_pending(out: Path, step: int) -> Pending | None:
+  """What the preemption at `step` left, or None (the run stopped elsewhere, or was killed)."""
+  path = out / PENDING
+  if not path.exists():
+    return None
+  with np.load(path) as saved:
+    if int(saved["step"]) != step:
+      return None
+    rows = {tuple(k.split("/")[1:]): saved[k] for k in saved.files if k.startswith("rows/")}
+    return Pending([float(v) for v in saved["losses"]], traverse_util.unflatten_dict(rows) if rows else None)
