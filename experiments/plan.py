@@ -83,16 +83,18 @@ SIZES = {
     e4_steps=E4_STEPS,
     e4_seeds=(0, 1, 2),
     e4_sizes=E4_SIZES,
+    e4_repairs=("Batch Renorm", "FrozenBN final phase"),
+    e4_precise=E4_PRECISE_SAMPLES,
   ),
   "default": dict(
-    e1_steps=5000,
+    e1_steps=3000,
     e1_eval=500,
     e1_seeds=(0,),
     sweep_steps=2000,
     sweep_eval=1000,
-    e2_steps=600,
-    e2_eval=200,
-    e2_decay=120,
+    e2_steps=300,
+    e2_eval=100,
+    e2_decay=60,
     e2_seeds=(0,),
     e3_steps=1000,
     e3_eval=500,
@@ -103,6 +105,8 @@ SIZES = {
     e4_steps=100,
     e4_seeds=(0,),
     e4_sizes=(2, 16),
+    e4_repairs=("FrozenBN final phase",),
+    e4_precise=1000,
   ),
 }
 
@@ -240,14 +244,13 @@ def runs(size: str) -> list[Run]:
           )
   for seed in s["e4_seeds"]:
     for size in s["e4_sizes"]:
-      plan.append(_e4_run(s["e4_steps"], seed, size, "BN"))
-      if size in E4_REPAIRS and size in s["e4_sizes"]:
-        plan.append(_e4_run(s["e4_steps"], seed, size, "Batch Renorm"))
-        plan.append(_e4_run(s["e4_steps"], seed, size, "FrozenBN final phase"))
+      plan.append(_e4_run(s["e4_steps"], seed, size, "BN", s["e4_precise"]))
+      for mode in s["e4_repairs"] if size in E4_REPAIRS else ():
+        plan.append(_e4_run(s["e4_steps"], seed, size, mode, s["e4_precise"]))
   return plan
 
 
-def _e4_run(steps: int, seed: int, size: int, mode: str) -> Run:
+def _e4_run(steps: int, seed: int, size: int, mode: str, precise: int) -> Run:
   """One E4 run: normalization batch `size` of the global 128, evaluated four ways at the end."""
   per_device = E4_GLOBAL_BATCH // E4_DEVICES
   if size == E4_GLOBAL_BATCH:
@@ -260,7 +263,7 @@ def _e4_run(steps: int, seed: int, size: int, mode: str) -> Run:
   if mode == "Batch Renorm":
     placement["bn"] = "renorm"
   else:
-    extra.update(population_batches=max(1, E4_PRECISE_SAMPLES // size), population_estimator="both")
+    extra.update(population_batches=max(1, precise // size), population_estimator="both")
   if mode == "FrozenBN final phase":
     extra["frozen_bn_steps"] = steps // E4_FROZEN_SHARE
   slug = {"BN": "bn", "Batch Renorm": "renorm", "FrozenBN final phase": "frozen"}[mode]

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments.reporting import e1, e2, e3
+from experiments.reporting import e1, e2, e3, e4
 from experiments.reporting.results import ROOT, Results, fixed
 
 SECTIONS = (
@@ -32,6 +32,7 @@ SECTIONS = (
   ),
   ("e2", e2, "E2 — paper Figure 3 at small scale (Inception-style net)", ("e2",)),
   ("e3", e3, "E3 — per-device vs synced BN on 8 devices, every parallel style", ("e3",)),
+  ("e4", e4, "E4 — per-device vs synced BN on a convnet: the normalization batch swept", ("e4",)),
 )
 
 

@@ -54,13 +54,13 @@ def test_the_committed_report_redraws_from_its_metrics(tmp_path):
     text=True,
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  for page in ("e1.md", "e2.md", "e3.md"):
+  for page in ("e1.md", "e2.md", "e3.md", "e4.md"):
     text = (tmp_path / page).read_text()
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
       assert (tmp_path / image).is_file(), (page, image)
       assert (ROOT / "reports" / "full" / image).is_file(), f"reports/full/{image} is not committed"
   # the committed pages are what the metrics give now (figures aside: PNG bytes vary)
-  for page in ("e1.md", "e2.md", "e3.md", "headline.json"):
+  for page in ("e1.md", "e2.md", "e3.md", "e4.md", "headline.json"):
     assert (tmp_path / page).read_text() == (ROOT / "reports" / "full" / page).read_text(), page
   headline = json.loads((tmp_path / "headline.json").read_text())
   assert len(headline["e1"]["settings"]) >= 4
