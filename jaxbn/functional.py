@@ -99,6 +99,11 @@ class BNOptions(NamedTuple):
   batch_axis: int = 0
   renorm: Renorm | None = None
 
+  @classmethod
+  def of(cls, layer, **overrides) -> BNOptions:
+    """The options of a BN layer (its attributes of these names), `overrides` replacing them."""
+    return cls(**{**{name: getattr(layer, name) for name in cls._fields if hasattr(layer, name)}, **overrides})
+
 
 def _is_manual(axis_name) -> bool:
   """True under shard_map and pmap (manual mesh axes); False under vmap."""

@@ -167,15 +167,11 @@ def normalize_with(holder: nn.Module, layer: BatchNorm, x, use_running_average, 
       layer.d_max if d_max is None else d_max,
       stats_axis_name=None if initializing else layer.stats_axis_name,
     )
-  options = functional.BNOptions(
+  options = functional.BNOptions.of(
+    layer,
     axis=faxes,
-    momentum=layer.momentum,
-    epsilon=layer.epsilon,
     # As in flax, init needs no bound axis and leaves the statistics alone.
     axis_name=None if initializing else layer.axis_name,
-    axis_index_groups=layer.axis_index_groups,
-    unbiased=layer.unbiased,
-    skip_nonfinite=layer.skip_nonfinite,
     dtype=out_dtype,
     batch_groups=groups,
     renorm=renorm,

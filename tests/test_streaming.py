@@ -8,51 +8,21 @@ input path, the other layout of devices over processes, or uninterrupted.
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.idx_files import make_dataset, write_dataset
+from tests.train_runs import ROOT, free_port, metrics, run, train_command
 
-ROOT = Path(__file__).resolve().parents[1]
 DETERMINISTIC = ("step", "train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
 
 
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
   return write_dataset(tmp_path_factory.mktemp("idx"), make_dataset(n_train=240, n_test=37))
-
-
-def _cmd(idx_dir, out, *extra):
-  return [
-    sys.executable,
-    str(ROOT / "train.py"),
-    "--dataset",
-    "mnist",
-    "--idx-dir",
-    str(idx_dir),
-    "--data-dir",
-    str(Path(out).parent / "tfds"),
-    "--out",
-    str(out),
-    "--no-progress",
-    "--init-std",
-    "0.3",
-    *extra,
-  ]
-
-
-def _run(cmd, **kw):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
-
-
-def _metrics(out):
-  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _same(a, b, keys=DETERMINISTIC, rel=0.0):
@@ -69,23 +39,17 @@ def test_stream_and_device_input_see_the_same_examples_in_the_same_order(tmp_pat
   """The same run through both input paths: the host reads and augments the batch
   (grain, a worker process), or the device gathers it from its copy of the split."""
   args = ("--devices", "2", "--batch-size", "6", "--steps", "60", "--eval-every", "20", "--bn", "per-device")
-  device = _run(_cmd(idx_dir, tmp_path / "device", *args, "--input", "device"))
-  stream = _run(_cmd(idx_dir, tmp_path / "stream", *args, "--input", "stream", "--input-workers", "1"))
+  device = run(train_command(idx_dir, tmp_path / "device", *args, "--input", "device"))
+  stream = run(train_command(idx_dir, tmp_path / "stream", *args, "--input", "stream", "--input-workers", "1"))
   assert device.returncode == 0 and stream.returncode == 0, device.stderr[-2000:] + stream.stderr[-2000:]
-  _same(_metrics(tmp_path / "device"), _metrics(tmp_path / "stream"), rel=1e-6)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  _same(metrics(tmp_path / "device"), metrics(tmp_path / "stream"), rel=1e-6)
 
 
 def _processes(idx_dir, out, args, count=2):
-  port = _free_port()
+  port = free_port()
   return [
     subprocess.Popen(
-      _cmd(
+      train_command(
         idx_dir, out, *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(i)
       ),
       cwd=ROOT,
@@ -103,12 +67,12 @@ def test_one_process_with_two_devices_equals_two_processes_with_one_streamed(tmp
   """Each process reads only its own rows of the global batch; the run does not
   depend on the split of the devices over processes (gloo's reduction order aside)."""
   args = ("--bn", "sync", "--steps", "20", "--eval-every", "10", "--batch-size", "6", "--input", "stream")
-  single = _run(_cmd(idx_dir, tmp_path / "single", "--devices", "2", *args, "--input-workers", "0"))
+  single = run(train_command(idx_dir, tmp_path / "single", "--devices", "2", *args, "--input-workers", "0"))
   assert single.returncode == 0, single.stderr[-3000:]
   procs = _processes(idx_dir, tmp_path / "multi", ("--devices", "1", *args, "--input-workers", "0"))
   outputs = [p.communicate(timeout=300) for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs
-  _same(_metrics(tmp_path / "single"), _metrics(tmp_path / "multi"), keys=DETERMINISTIC[1:], rel=1e-4)
+  _same(metrics(tmp_path / "single"), metrics(tmp_path / "multi"), keys=DETERMINISTIC[1:], rel=1e-4)
 
 
 def _wait_for_step(out: Path, proc, step: int, timeout=240):
@@ -123,13 +87,13 @@ def _wait_for_step(out: Path, proc, step: int, timeout=240):
 
 @pytest.mark.parametrize("input_path", ["device", "stream"])
 def test_sigterm_saves_the_step_and_resume_is_exact(tmp_path, idx_dir, input_path):
-  args = ("--devices", "2", "--batch-size", "6", "--steps", "1200", "--eval-every", "100", "--bn", "per-device")
+  args = ("--devices", "2", "--batch-size", "6", "--steps", "800", "--eval-every", "100", "--bn", "per-device")
   args += ("--input", input_path, "--input-workers", "1")
-  reference = _run(_cmd(idx_dir, tmp_path / "full", *args))
+  reference = run(train_command(idx_dir, tmp_path / "full", *args))
   assert reference.returncode == 0, reference.stderr[-3000:]
   out = tmp_path / "stopped"
   proc = subprocess.Popen(
-    _cmd(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    train_command(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
   _wait_for_step(out, proc, 300)
   time.sleep(0.3)  # somewhere in the next evaluation period
@@ -141,10 +105,10 @@ def test_sigterm_saves_the_step_and_resume_is_exact(tmp_path, idx_dir, input_pat
   line = stderr.strip().splitlines()[-1]
   assert line.startswith("stopped at step ") and "on SIGTERM" in line and line.endswith("--resume"), line
   stopped_at = int(line.split()[3].rstrip(":"))
-  assert 300 <= stopped_at < 1200 and (out / "checkpoints" / str(stopped_at)).is_dir()
-  resumed = _run(_cmd(idx_dir, out, *args, "--resume"))
+  assert 300 <= stopped_at < 800 and (out / "checkpoints" / str(stopped_at)).is_dir()
+  resumed = run(train_command(idx_dir, out, *args, "--resume"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  _same(_metrics(tmp_path / "full"), _metrics(out))
+  _same(metrics(tmp_path / "full"), metrics(out))
 
 
 @pytest.mark.slow
@@ -153,19 +117,21 @@ def test_streamed_resume_after_sigkill_mid_epoch_is_exact(tmp_path, idx_dir):
   in the middle of an epoch, resumed from it."""
   args = ("--devices", "2", "--batch-size", "6", "--steps", "400", "--eval-every", "10", "--checkpoint-every", "30")
   args += ("--input", "stream", "--input-workers", "1", "--bn", "sync")
-  reference = _run(_cmd(idx_dir, tmp_path / "full", *args))
+  reference = run(train_command(idx_dir, tmp_path / "full", *args))
   assert reference.returncode == 0, reference.stderr[-3000:]
   out = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    train_command(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 240
   while not (out / "checkpoints" / "90").exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert _metrics(out)[-1]["step"] < 400, "the run finished before it could be killed"
-  resumed = _run(_cmd(idx_dir, out, *args, "--resume"))
+  assert metrics(out)[-1]["step"] < 400, "the run finished before it could be killed"
+  resumed = run(train_command(idx_dir, out, *args, "--resume"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  _same(_metrics(tmp_path / "full"), _metrics(out))
+  _same(metrics(tmp_path / "full"), metrics(out))
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from tests.idx_files import make_dataset, write_dataset  # noqa: E402
+from tests.train_runs import run, train_command  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -87,30 +87,9 @@ def idx_dir(tmp_path_factory):
 
 
 def _run(idx_dir, out, *extra, data_dir=None):
-  cmd = [
-    sys.executable,
-    str(ROOT / "train.py"),
-    "--dataset",
-    "mnist",
-    "--idx-dir",
-    str(idx_dir),
-    "--data-dir",
-    str(data_dir or Path(out).parent / "tfds"),
-    "--out",
-    str(out),
-    "--no-progress",
-    "--devices",
-    "2",
-    "--batch-size",
-    "6",
-    "--init-std",
-    "0.3",
-    "--eval-every",
-    "10",
-    *extra,
-  ]
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  """A short run on 2 devices, 6 examples each, evaluated every 10 steps."""
+  args = ("--devices", "2", "--batch-size", "6", "--eval-every", "10", *extra)
+  return run(train_command(idx_dir, out, *args, data_dir=data_dir))
 
 
 def _snapshot(out: Path) -> dict:

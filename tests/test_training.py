@@ -3,11 +3,8 @@ resume, evaluation of the whole test set, several hosts."""
 
 import functools
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pytest
 
 import trainer
 from tests.idx_files import make_dataset, write_dataset
+from tests.train_runs import free_port, metrics, run, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, PER_DEVICE = 8, 4
@@ -107,33 +105,7 @@ def idx_dir(tmp_path_factory):
 
 
 def _train_cmd(idx_dir, out, *extra):
-  return [
-    sys.executable,
-    str(ROOT / "train.py"),
-    "--dataset",
-    "mnist",
-    "--idx-dir",
-    str(idx_dir),
-    "--data-dir",
-    str(Path(out).parent / "tfds"),
-    "--out",
-    str(out),
-    "--no-progress",
-    "--batch-size",
-    "6",
-    "--init-std",
-    "0.3",
-    *extra,
-  ]
-
-
-def _run(cmd, **kw):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
-
-
-def _metrics(out):
-  return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+  return train_command(idx_dir, out, "--batch-size", "6", *extra)
 
 
 DETERMINISTIC = ("step", "train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
@@ -141,7 +113,7 @@ DETERMINISTIC = ("step", "train_loss", "test_loss", "test_accuracy", "p15", "p50
 
 def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
   args = ("--bn", "per-device", "--devices", "2", "--steps", "1500", "--eval-every", "20", "--checkpoint-every", "200")
-  reference = _run(_train_cmd(idx_dir, tmp_path / "full", *args))
+  reference = run(_train_cmd(idx_dir, tmp_path / "full", *args))
   assert reference.returncode == 0, reference.stderr[-3000:]
 
   out = tmp_path / "killed"
@@ -153,12 +125,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  interrupted_at = _metrics(out)[-1]["step"]
+  interrupted_at = metrics(out)[-1]["step"]
   assert interrupted_at < 1500, "the run finished before it could be killed"
 
-  resumed = _run(_train_cmd(idx_dir, out, *args, "--resume"))
+  resumed = run(_train_cmd(idx_dir, out, *args, "--resume"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  full, again = _metrics(tmp_path / "full"), _metrics(out)
+  full, again = metrics(tmp_path / "full"), metrics(out)
   assert [m["step"] for m in again] == list(range(20, 1501, 20))
   for a, b in zip(full, again, strict=True):
     assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
@@ -167,7 +139,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
 def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
   """37 test examples on 8 devices: the reported accuracy is over all 37."""
   out = tmp_path / "run"
-  result = _run(_train_cmd(idx_dir, out, "--bn", "sync", "--devices", "8", "--steps", "40", "--eval-every", "40"))
+  result = run(_train_cmd(idx_dir, out, "--bn", "sync", "--devices", "8", "--steps", "40", "--eval-every", "40"))
   assert result.returncode == 0, result.stderr[-3000:]
   config = trainer.Config(**json.loads((out / "config.json").read_text()))
   model = trainer.make_model(config)
@@ -182,15 +154,9 @@ def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
   )
   accuracy = float(np.mean(np.argmax(logits, -1) == ds.test_labels))
   loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, ds.test_labels).mean())
-  last = _metrics(out)[-1]
+  last = metrics(out)[-1]
   assert last["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)  # steps of 1/37
   assert last["test_loss"] == pytest.approx(loss, rel=1e-5)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_equal_one_process(tmp_path, idx_dir):
@@ -203,9 +169,9 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir):
   would differ by percents.
   """
   args = ("--bn", "sync", "--steps", "20", "--eval-every", "10", "--checkpoint-every", "20", "--lr", "0.1")
-  single = _run(_train_cmd(idx_dir, tmp_path / "single", "--devices", "4", *args))
+  single = run(_train_cmd(idx_dir, tmp_path / "single", "--devices", "4", *args))
   assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
+  port = free_port()
   multi = tmp_path / "multi"
   procs = [
     subprocess.Popen(
@@ -231,7 +197,7 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir):
   ]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
-  one, two = _metrics(tmp_path / "single"), _metrics(multi)
+  one, two = metrics(tmp_path / "single"), metrics(multi)
   assert [m["step"] for m in two] == [10, 20]
   for a, b in zip(one, two, strict=True):
     for key in ("train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85"):

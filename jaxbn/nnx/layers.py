@@ -141,18 +141,7 @@ class BatchNorm(nnx.Module):
     recorder = _RECORDER.get()
     if recorder is not None and not frozen:  # jaxbn.nnx.population_stats is reading this layer's batches
       recorder.append((self, functional.moments(x, self.axis, mask=mask, batch_groups=groups)))
-    options = functional.BNOptions(
-      axis=self.axis,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      unbiased=self.unbiased,
-      skip_nonfinite=self.skip_nonfinite,
-      dtype=out_dtype,
-      batch_groups=groups,
-      renorm=renorm,
-    )
+    options = functional.BNOptions.of(self, dtype=out_dtype, batch_groups=groups, renorm=renorm)
     y, new_stats = functional.normalize(x, params, stats, options, training=not use_running_average, mask=mask)
     if not use_running_average:
       self.mean[...] = new_stats["mean"]

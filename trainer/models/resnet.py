@@ -45,21 +45,26 @@ class _Block(nn.Module):
     init = {"scale_init": nn.initializers.zeros_init()} if self.zero_init_residual else {}
     return self.norm(name=f"BatchNorm_{index}", **init)
 
+  @nn.nowrap
+  def shortcut(self, x, y):
+    """x itself, or a 1x1 convolution and BN to y's shape (called in the compact __call__)."""
+    if x.shape == y.shape:
+      return x
+    x = self.conv(y.shape[-1], (1, 1), (self.strides, self.strides), name="conv_proj")(x)
+    return self.norm(name="norm_proj")(x)
+
 
 class ResNetBlock(_Block):
   """Two 3x3 convolutions (the basic block); a projection where the shape changes."""
 
   @nn.compact
   def __call__(self, x):
-    s = (self.strides, self.strides)
-    y = self.conv(self.filters, (3, 3), s, name="Conv_0")(x)
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="Conv_0")(x)
     y = self.act(self.norm(name="BatchNorm_0")(y))
     y = self.conv(self.filters, (3, 3), name="Conv_1")(y)
     y = self.last_norm(1)(y)
-    if x.shape != y.shape:
-      x = self.conv(self.filters, (1, 1), s, name="conv_proj")(x)
-      x = self.norm(name="norm_proj")(x)
-    return self.act(x + y)
+    return self.act(self.shortcut(x, y) + y)
+
 
 
 class BottleneckResNetBlock(_Block):
@@ -74,27 +79,19 @@ class BottleneckResNetBlock(_Block):
     y = self.act(self.norm(name="BatchNorm_1")(y))
     y = self.conv(self.filters * 4, (1, 1), name="Conv_2")(y)
     y = self.last_norm(2)(y)
-    if x.shape != y.shape:
-      x = self.conv(self.filters * 4, (1, 1), s, name="conv_proj")(x)
-      x = self.norm(name="norm_proj")(x)
-    return self.act(x + y)
+    return self.act(self.shortcut(x, y) + y)
 
 
-class CifarBlock(_Block):
-  """The basic block with the paper's option-A shortcut (subsample, zero-pad channels)."""
+class CifarBlock(ResNetBlock):
+  """The basic block with the paper's option-A shortcut (subsample, zero-pad channels): no parameters."""
 
-  @nn.compact
-  def __call__(self, x):
-    s = (self.strides, self.strides)
-    y = self.conv(self.filters, (3, 3), s, name="Conv_0")(x)
-    y = self.act(self.norm(name="BatchNorm_0")(y))
-    y = self.conv(self.filters, (3, 3), name="Conv_1")(y)
-    y = self.last_norm(1)(y)
-    if x.shape != y.shape:
-      x = x[:, :: self.strides, :: self.strides]
-      pad = y.shape[-1] - x.shape[-1]
-      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
-    return self.act(x + y)
+  @nn.nowrap
+  def shortcut(self, x, y):
+    if x.shape == y.shape:
+      return x
+    x = x[:, :: self.strides, :: self.strides]
+    pad = y.shape[-1] - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
 
 
 class _Net(nn.Module):
