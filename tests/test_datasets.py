@@ -152,3 +152,20 @@ def test_train_on_a_mocked_named_dataset_every_style(tmp_path):
     for a, b in zip(metrics["jit"], metrics[style], strict=True):
       for key in ("train_loss", "test_loss", "test_accuracy"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (style, key)
+
+
+def test_a_folder_of_varying_sizes_needs_an_image_size_and_large_images_stream(tmp_path):
+  from trainer.config import Config, ConfigError
+  from trainer.input import plan_batches
+
+  ds = data.open_dataset(image_folder=str(write_folder(tmp_path / "images")), data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ConfigError, match=r"--image-size: .* varying size; give the side"):
+    plan_batches(Config(model="resnet20", image_folder="x"), ds, 8)
+  small, path = plan_batches(Config(model="resnet20", image_folder="x", image_size=24), ds, 8)
+  assert (small.augment, small.image_shape, path) == ("crop-flip", (24, 24, 3), "stream")
+  large, path = plan_batches(Config(model="resnet50", image_folder="x"), ds, 8)  # its recipe: 224 px
+  assert (large.augment, large.image_size, path) == ("random-resized-crop", 224, "stream")
+  with pytest.raises(ConfigError, match="--input device: needs a training split of one image shape"):
+    plan_batches(Config(model="resnet20", image_folder="x", image_size=24, input="device"), ds, 8)
+  with pytest.raises(ConfigError, match="--batch-size: a global batch of 64 exceeds the 18 training examples"):
+    plan_batches(Config(model="resnet20", image_folder="x", image_size=24), ds, 64)
