@@ -13,20 +13,18 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-import jaxbn
 from trainer import data as data_lib
 from trainer import rundir, steps
 from trainer.bn_modes import BN_MODES
 from trainer.config import Config
 from trainer.distributed import setup_devices
-from trainer.input import Batches, DeviceFeed, Pixels, StreamFeed, eval_batches, eval_chunk, local_rows, plan_batches
+from trainer.evaluation import Evaluator
+from trainer.input import DeviceFeed, Pixels, StreamFeed, local_rows, plan_batches
 from trainer.parallel import Parallel
 from trainer.preemption import Preempted, StopSignals
 from trainer.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
 
 __all__ = ["CheckpointError", "NonFiniteLossError", "Preempted", "setup_devices", "train_and_evaluate"]
-
-PERCENTILES = (15, 50, 85)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,28 +46,6 @@ class ArraySource:
 
   def __getitems__(self, indices):
     return [{"image": self.images[i], "label": int(self.labels[i])} for i in indices]
-
-
-def population_batches(config: Config, batches: Batches, source, pixels: Pixels, size: int) -> np.ndarray:
-  """PreciseBN's training batches: the normalization batches (groups of `size`)
-  of the run's first global batches, `config.population_batches` of them (the
-  same ones at every evaluation), preprocessed as training preprocesses them."""
-  per_step = batches.global_batch // size
-  steps = min(-(-config.population_batches // per_step), batches.steps_per_epoch)
-  images = np.concatenate([batches.host_batch(source, step, range(batches.global_batch))[0] for step in range(steps)])
-  groups = images.reshape(-1, size, *images.shape[1:])[: config.population_batches]
-  return np.stack([pixels(group) for group in groups])
-
-
-def with_population_statistics(state, model, batches, estimator: str):
-  """The (portable) state with its running averages replaced by the population
-  statistics of its current weights (PreciseBN, `jaxbn.population_stats`)."""
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, estimator=estimator, train=False))
-
-
-# --population-estimator -> the estimators evaluated, and their metrics' suffix
-ESTIMATOR_SUFFIX = {"paper": "", "pooled": "_pooled"}
 
 
 def _floats(losses: list) -> list[float]:
@@ -158,46 +134,12 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   )
   per_device = global_batch // num_devices
   local_devices = range(rows.start // per_device, rows.stop // per_device)
-  population = None
-  if config.population_batches:
-    population = population_batches(config, batches, train_source, pixels, statistics_batch)
-  estimators = ("paper", "pooled") if config.population_estimator == "both" else (config.population_estimator,)
-
-  def evaluate(state, batch_stats=False):
-    chunk = eval_chunk(batches.image_shape)
-    if batch_stats:  # whole normalization groups per device
-      chunk = max(statistics_batch, chunk // statistics_batch * statistics_batch)
-    test = eval_batches(test_source, batches, num_devices, local_devices, chunk)
-    groups = chunk // statistics_batch if batch_stats else None
-    return parallel.evaluate(state, test, model=eval_model, pixels=pixels, batch_stats_groups=groups)
+  evaluator = Evaluator(
+    config, parallel, eval_model, batches, train_source, test_source, pixels, statistics_batch, local_devices
+  )
 
   def frozen(step):
     return bool(config.frozen_bn_steps) and step >= config.steps - config.frozen_bn_steps
-
-  def record(step, state, losses, period_seconds):
-    """The evaluation record of `step`: train loss of the period, test set with the
-    running statistics (and PreciseBN, test-batch statistics where asked)."""
-    # Exact sum of every step's loss: the same whatever was resumed where.
-    per_step = _floats(losses)  # waits
-    result = {"step": step, "train_loss": math.fsum(per_step) / len(per_step)}
-    steps_per_sec = len(per_step) / period_seconds  # training only
-    sums, tracked = evaluate(state)
-    result.update(test_loss=sums["loss"] / sums["count"], test_accuracy=sums["correct"] / sums["count"])
-    result.update(wall_time=time.time() - start_time, steps_per_sec=steps_per_sec)
-    for estimator in estimators if population is not None else ():
-      pop_state = with_population_statistics(parallel.portable_state(state), eval_model, population, estimator)
-      pop_sums, _ = evaluate(parallel.put_state(pop_state))
-      suffix = ESTIMATOR_SUFFIX[estimator]
-      result[f"test_loss_population{suffix}"] = pop_sums["loss"] / pop_sums["count"]
-      result[f"test_accuracy_population{suffix}"] = pop_sums["correct"] / pop_sums["count"]
-    if config.eval_batch_stats:
-      batch_sums, _ = evaluate(state, batch_stats=True)
-      result["test_loss_batch_stats"] = batch_sums["loss"] / batch_sums["count"]
-      result["test_accuracy_batch_stats"] = batch_sums["correct"] / batch_sums["count"]
-    if config.model == "mlp":
-      values = np.percentile(tracked, PERCENTILES)
-      result.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)})
-    return result
 
   # wall_time (seconds) continues across a resume
   start_time, last = time.time() - ((metrics.last or {}).get("wall_time") or 0.0), None
@@ -225,7 +167,8 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
         state = parallel.synchronize(state)
-        last = record(step, state, losses, time.time() - period_start)
+        last = evaluator.record(step, state, _floats(losses), time.time() - period_start)
+        last["wall_time"] = time.time() - start_time
         losses = []
         metrics.write(last)
         bar.set_postfix(acc=f"{last['test_accuracy']:.4f}", loss=f"{last['train_loss']:.4f}")

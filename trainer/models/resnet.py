@@ -66,7 +66,6 @@ class ResNetBlock(_Block):
     return self.act(self.shortcut(x, y) + y)
 
 
-
 class BottleneckResNetBlock(_Block):
   """1x1 (reduce), 3x3 (with the stride: v1.5), 1x1 (expand 4x); a projection where the shape changes."""
 
