@@ -54,7 +54,7 @@ data: $(STAMP)
 	  echo "could not install dataset-fashion-mnist; train.py will try its download"; fi
 	$(PY) -c "from trainer import data; data.load('fashion_mnist', data_dir='data')"
 
-# The default experiments, every one scaled down (14.3 minutes in a fresh clone
+# The default experiments, every one scaled down (13.8 minutes in a fresh clone
 # on 2 CPU cores, set-up included) -> reports/default/
 train: data
 	$(PY) experiments/run.py --size default

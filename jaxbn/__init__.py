@@ -37,4 +37,4 @@ __all__ = [
   "swap_batch_norm",
   "sync_batch_stats",
 ]
-__version__ = "0.2.0"  # the one place; pyproject.toml reads it
+__version__ = "0.3.0"  # the one place; pyproject.toml reads it

@@ -35,20 +35,28 @@ def _spread(values):
   return (max(known) - min(known)) / 2 if len(known) > 1 else 0.0
 
 
+def _sizes(sizes) -> str:
+  return ", ".join(map(str, sizes)) if sizes else "none"
+
+
 def verdicts(index, sizes, seeds) -> list[str]:
   """Each literature claim, checked against the EMA evaluation (and the others where they are the point)."""
   ema = {n: _values(index, "BN", n, "test_accuracy", seeds) for n in sizes}
   mean = {n: _mean(v) for n, v in ema.items()}
   noise = max(MIN_GAP, float(np.median([_spread(v) for v in ema.values()])) * 2)
   best = max(mean, key=mean.get)
-  recovered = next(n for n in sizes if all(mean[m] >= mean[best] - noise for m in sizes if m >= n))
+  # the smallest size from which every size up to the best is within the noise of the best
+  recovered = min(n for n in sizes if n <= best and all(mean[m] >= mean[best] - noise for m in sizes if n <= m <= best))
+  answer = f"yes, below {recovered}" if recovered > min(sizes) else "no"
   out = [
-    f"**Small normalization batches hurt** — yes, below {recovered}: with running averages the accuracy is "
+    f"**Small normalization batches hurt** — {answer}: with running averages the accuracy is "
     + ", ".join(f"{fixed(mean[n], 4)} at {n}" for n in sizes)
-    + f"; from {recovered} on every size is within {fixed(noise, 4)} (twice the median seed spread, at least "
-    f"{MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best})."
+    + f"; from {recovered} up to {best} every size is within {fixed(noise, 4)} (twice the median seed spread, "
+    f"at least {MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best})."
   ]
   synced = max(sizes)
+  whole = synced == next(iter(index.values())).config["global_batch_size"]
+  reference = f"synced BN over all {synced}" if whole else f"the largest size run, {synced}"
   mid = [n for n in sizes if 16 <= n < synced]
   if mid:
     top = max(mid, key=mean.get)
@@ -56,19 +64,30 @@ def verdicts(index, sizes, seeds) -> list[str]:
     word = "beats" if diff > noise else ("matches" if diff > -noise else "is below")
     out.append(
       f"**A mid-size normalization batch matches or beats synced BN** (Page, Composer) — the best of "
-      f"{', '.join(map(str, mid))} ({fixed(mean[top], 4)} at {top}) {word} synced BN over all {synced} "
+      f"{', '.join(map(str, mid))} ({fixed(mean[top], 4)} at {top}) {word} {reference} "
       f"({fixed(mean[synced], 4)}; difference {fixed(diff, 4)})."
     )
   pooled = {n: _mean(_values(index, "BN", n, "test_accuracy_population_pooled", seeds)) for n in sizes}
   paper = {n: _mean(_values(index, "BN", n, "test_accuracy_population", seeds)) for n in sizes}
   gains = {n: pooled[n] - mean[n] for n in sizes}
+  ahead = [n for n in sizes if gains[n] > noise]
+  behind = [n for n in sizes if gains[n] < -noise]
+  large = [n for n in sizes if n >= 32]
+  ema_spread = _mean([_spread(ema[n]) for n in large])
+  precise_spread = _mean([_spread(_values(index, "BN", n, "test_accuracy_population_pooled", seeds)) for n in large])
   out.append(
     "**PreciseBN beats the running average** (Wu & Johnson) — pooled PreciseBN minus EMA: "
     + ", ".join(f"{fixed(gains[n], 4)} at {n}" for n in sizes)
-    + f"; it is ahead at {sum(g > 0 for g in gains.values())} of {len(sizes)} sizes, by more than "
-    f"{fixed(noise, 4)} at {sum(g > noise for g in gains.values())}. Pooled minus paper's estimator: "
+    + f"; ahead by more than {fixed(noise, 4)} at {_sizes(ahead)}, behind by more at {_sizes(behind)}. "
+    "Pooled minus paper's estimator: "
     + ", ".join(f"{fixed(pooled[n] - paper[n], 4)} at {n}" for n in sizes)
     + "."
+    + (
+      f" EMA noisy at large normalization batches: half the seed range at {_sizes(large)} averages "
+      f"{fixed(ema_spread, 4)} with EMA, {fixed(precise_spread, 4)} with pooled PreciseBN."
+      if len(seeds) > 1 and large
+      else ""
+    )
   )
   batch = {n: _mean(_values(index, "BN", n, "test_accuracy_batch_stats", seeds)) for n in sizes}
   out.append(
@@ -85,7 +104,7 @@ def verdicts(index, sizes, seeds) -> list[str]:
           f"({fixed(_mean(_values(index, mode, n, 'test_accuracy', seeds)) - mean[n], 4)})"
           for n in there
         )
-        + f"; synced BN: {fixed(mean[synced], 4)}."
+        + f"; {reference}: {fixed(mean[synced], 4)}."
       )
   return out
 
