@@ -81,6 +81,7 @@ bench: data
 	$(PY) benchmarks/train_steps.py
 	$(PY) benchmarks/resnet_steps.py
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/preemption.py
 	$(PY) benchmarks/parallel_styles.py
 	$(BENCH_TUNED_ENV) $(PY) benchmarks/bn_layer.py
 	$(PY) benchmarks/summary.py
