@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.idx_files import make_dataset, write_dataset
-from tests.train_runs import ROOT, free_port, metrics, run, train_command
+from tests.train_runs import ROOT, free_port, kill_at_checkpoint, metrics, run, train_command
 
 DETERMINISTIC = ("step", "train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
 
@@ -120,14 +120,7 @@ def test_streamed_resume_after_sigkill_mid_epoch_is_exact(tmp_path, idx_dir):
   reference = run(train_command(idx_dir, tmp_path / "full", *args))
   assert reference.returncode == 0, reference.stderr[-3000:]
   out = tmp_path / "killed"
-  proc = subprocess.Popen(
-    train_command(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  deadline = time.time() + 240
-  while not (out / "checkpoints" / "90").exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_at_checkpoint(train_command(idx_dir, out, *args), out, 90)
   assert metrics(out)[-1]["step"] < 400, "the run finished before it could be killed"
   resumed = run(train_command(idx_dir, out, *args, "--resume"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]

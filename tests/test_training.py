@@ -3,9 +3,7 @@ resume, evaluation of the whole test set, several hosts."""
 
 import functools
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import jax
@@ -17,7 +15,7 @@ import pytest
 
 import trainer
 from tests.idx_files import make_dataset, write_dataset
-from tests.train_runs import free_port, metrics, run, train_command
+from tests.train_runs import free_port, kill_at_checkpoint, metrics, run, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, PER_DEVICE = 8, 4
@@ -117,14 +115,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
   assert reference.returncode == 0, reference.stderr[-3000:]
 
   out = tmp_path / "killed"
-  proc = subprocess.Popen(
-    _train_cmd(idx_dir, out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  deadline = time.time() + 240
-  while not (out / "checkpoints" / "400").exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_at_checkpoint(_train_cmd(idx_dir, out, *args), out, 400)
   interrupted_at = metrics(out)[-1]["step"]
   assert interrupted_at < 1500, "the run finished before it could be killed"
 

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,13 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def kill_at_checkpoint(cmd, out, step) -> None:
+  """Start train.py and SIGKILL it as soon as its checkpoint of `step` exists."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (Path(out) / "checkpoints" / str(step)).exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.kill()
+  proc.wait()
