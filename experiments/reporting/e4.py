@@ -116,6 +116,8 @@ def report(results: Results, out: Path, size: str) -> dict:
   sizes = sorted({r.labels["size"] for r in runs if r.labels["mode"] == "BN"})
   seeds = sorted({r.labels["seed"] for r in runs})
   index = {(r.labels["mode"], r.labels["size"], r.labels["seed"]): r for r in runs}
+  first = next(r for r in runs if r.labels["mode"] == "BN")
+  config = first.config
 
   fig, ax = plt.subplots(figsize=(9, 5.5))
   headline: dict = {}
@@ -154,8 +156,8 @@ def report(results: Results, out: Path, size: str) -> dict:
   ax.minorticks_off()
   ax.set(
     xticks=sizes,
-    xticklabels=[f"{n}" + (" (synced)" if n == max(sizes) else "") for n in sizes],
-    xlabel="normalization batch (examples per BN statistic; global batch 128)",
+    xticklabels=[f"{n}" + (" (synced)" if n == config["global_batch_size"] else "") for n in sizes],
+    xlabel=f"normalization batch (examples per BN statistic; global batch {config['global_batch_size']})",
     ylabel="final test accuracy",
     title=f"ResNet-20 on Fashion-MNIST; mean of seeds {seeds}, bars min–max",
   )
@@ -164,8 +166,6 @@ def report(results: Results, out: Path, size: str) -> dict:
   fig.savefig(out / "e4.png", dpi=100)
   plt.close(fig)
 
-  first = next(r for r in runs if r.labels["mode"] == "BN")
-  config = first.config
   text = results.header("E4 — per-device vs synced BN on a convnet: the normalization batch swept", "e4")
   text += (
     f"ResNet-20 (`--model resnet20`: its CIFAR recipe, lr {config['lr']} divided by 10 at 50% and 75% of the "
