@@ -72,7 +72,7 @@ def verdicts(index, sizes, seeds) -> list[str]:
   gains = {n: pooled[n] - mean[n] for n in sizes}
   ahead = [n for n in sizes if gains[n] > noise]
   behind = [n for n in sizes if gains[n] < -noise]
-  large = [n for n in sizes if n >= 32]
+  large = [n for n in sizes if n >= 32 and len([v for v in ema[n] if v is not None]) > 1]  # with a seed spread
   ema_spread = _mean([_spread(ema[n]) for n in large])
   precise_spread = _mean([_spread(_values(index, "BN", n, "test_accuracy_population_pooled", seeds)) for n in large])
   out.append(
@@ -85,7 +85,7 @@ def verdicts(index, sizes, seeds) -> list[str]:
     + (
       f" EMA noisy at large normalization batches: half the seed range at {_sizes(large)} averages "
       f"{fixed(ema_spread, 4)} with EMA, {fixed(precise_spread, 4)} with pooled PreciseBN."
-      if len(seeds) > 1 and large
+      if large
       else ""
     )
   )
