@@ -1,6 +1,6 @@
 """Runs the experiments' train.py commands and collects their metrics.
 
-    python experiments/run.py --size {default,full} [--only e1,e3] [--match seed1] [--runs runs]
+    python experiments/run.py --size {default,full} [--only e1,e3] [--match seed1] [--shard 0/2] [--runs runs]
 
 Each run's output goes to RUNS/SIZE/EXPERIMENT/NAME; a finished run is skipped
 and an interrupted one resumes from its checkpoint, so the whole set can be
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -57,11 +58,26 @@ def _commit() -> str:
   return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def select(plan, only=None, match=None, shard=None) -> list:
+  """The runs of `plan` in experiments `only`, whose names contain `match`, and of
+  shard "K/N" (every N-th run from the K-th, 0-based: N streams side by side)."""
+  plan = [r for r in plan if (only is None or r.experiment in only) and (match is None or match in r.name)]
+  if shard is None:
+    return plan
+  try:
+    k, n = map(int, shard.split("/"))
+    assert 0 <= k < n
+  except (ValueError, AssertionError):
+    raise SystemExit(f"error: --shard: expected K/N with 0 <= K < N, got {shard!r}") from None
+  return plan[k::n]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=["default", "full"], default="default")
-  parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3)")
+  parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3,e4)")
   parser.add_argument("--match", help="only the runs whose name contains this (e.g. seed1)")
+  parser.add_argument("--shard", help="K/N: every N-th run from the K-th (0-based), for N run.py side by side")
   parser.add_argument("--runs", default="runs")
   parser.add_argument("--reports", default="reports")
   parser.add_argument("--data-dir", default="data")
@@ -69,11 +85,7 @@ def main(argv=None):
   only = set(args.only.split(",")) if args.only else None
   data_root = ROOT / args.reports / args.size / "data"
 
-  plan = [
-    r
-    for r in runs(args.size)
-    if (only is None or r.experiment in only) and (args.match is None or args.match in r.name)
-  ]
+  plan = select(runs(args.size), only, args.match, args.shard)
   for i, run in enumerate(plan, 1):
     commit = _commit()  # per run: the tree may move on while a long set runs
     out = ROOT / args.runs / args.size / run.experiment / run.name
@@ -101,18 +113,24 @@ def main(argv=None):
         "commit": commit,
         "labels": run.labels,
       }
-    # read just before writing: another run.py may be running other runs of this experiment
-    meta_path = data_root / run.experiment / "runs.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
-    meta.update(size=args.size, machine=_machine())
-    if record:
-      meta["runs"][key] = record
-    meta["runs"].setdefault(key, {"command": " ".join(command), "commit": commit, "labels": run.labels})
     target = data_root / run.experiment
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "metrics.jsonl", target / f"{run.name}.jsonl")
     shutil.copy(out / "config.json", target / f"{run.name}.json")
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    # read, update and write under a lock on the directory: another run.py may be
+    # running other runs of this experiment
+    lock = os.open(target, os.O_RDONLY)
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      meta_path = target / "runs.json"
+      meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
+      meta.update(size=args.size, machine=_machine())
+      if record:
+        meta["runs"][key] = record
+      meta["runs"].setdefault(key, {"command": " ".join(command), "commit": commit, "labels": run.labels})
+      meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    finally:
+      os.close(lock)
 
 
 if __name__ == "__main__":

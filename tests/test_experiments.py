@@ -4,6 +4,7 @@ import pytest
 
 import train
 from experiments.plan import E1_SETTINGS, E3_BATCHES, E3_MODES, SIZES, STYLES, runs
+from experiments.run import select
 
 
 @pytest.mark.parametrize("size", ["default", "full"])
@@ -60,3 +61,21 @@ def test_the_full_e4_plan_is_what_issue_20_asks_for():
   assert (per_device.bn, per_device.devices, per_device.bn_group_size) == ("per-device", 8, None)
   frozen = configs["frozen-n2-seed0"][1]
   assert 0.1 * frozen.steps <= frozen.frozen_bn_steps <= 0.2 * frozen.steps
+
+
+def test_shards_of_the_e4_plan_split_it_into_disjoint_halves_that_pair_one_device_runs():
+  e4 = select(runs("full"), only={"e4"})
+  halves = [select(runs("full"), only={"e4"}, shard=f"{k}/2") for k in (0, 1)]
+  names = [[r.name for r in half] for half in halves]
+  assert sorted(names[0] + names[1]) == sorted(r.name for r in e4) and not set(names[0]) & set(names[1])
+  assert abs(len(names[0]) - len(names[1])) <= 1
+  # the one-device runs (32 and 64 of a seed) are neighbours in the plan: one in each stream
+  for seed in (0, 1, 2):
+    assert [f"bn-n32-seed{seed}" in n for n in names] != [f"bn-n64-seed{seed}" in n for n in names]
+  assert [r.name for r in select(runs("full"), only={"e4"}, match="seed1")] == [r.name for r in e4 if "seed1" in r.name]
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/2"])
+def test_a_bad_shard_is_one_line(shard):
+  with pytest.raises(SystemExit, match="--shard: expected K/N"):
+    select(runs("default"), shard=shard)
