@@ -16,6 +16,7 @@ from experiments.reporting.results import (
   mean_spread,
   notes,
   percent,
+  save_figure,
   table,
   value_range,
   verdict,
@@ -123,9 +124,7 @@ def _figure(title: str, pairs, path: Path) -> None:
   handles, labels = no_bn.get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
   fig.suptitle(f"E1, {title}")
-  fig.tight_layout(rect=(0, 0.04, 1, 1))
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, path, rect=(0, 0.04, 1, 1))
 
 
 def _overview(settings: dict, analysis: dict, path: Path) -> None:
@@ -155,9 +154,7 @@ def _overview(settings: dict, analysis: dict, path: Path) -> None:
   gain.set(xlabel="final accuracy with BN − without", title="higher at the end? (right of 0: yes)")
   gain.set_yticklabels([])
   fig.suptitle("E1 grid: one dot per seed")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def _sweep(sweep: list[Run], out: Path) -> tuple[str, dict]:
@@ -177,9 +174,7 @@ def _sweep(sweep: list[Run], out: Path) -> tuple[str, dict]:
     title=f"Learning-rate sweep, {sweep[0].steps[-1]:,} steps, seed 0",
   )
   ax.legend(loc="center left")
-  fig.tight_layout()
-  fig.savefig(out / "e1_sweep.png", dpi=100)
-  plt.close(fig)
+  save_figure(fig, out / "e1_sweep.png")
   text = "\n## Learning-rate sweep (plain SGD, init std 0.1, seed 0)\n\n![sweep](e1_sweep.png)\n\n"
   text += table(
     ["learning rate", *[f"{lr:g}" for lr in lrs]],

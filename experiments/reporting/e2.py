@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.reporting.results import Results, commands, fixed, mean_spread, notes, table
+from experiments.reporting.results import Results, commands, fixed, mean_spread, notes, save_figure, table
 
 
 def report(results: Results, out: Path, size: str) -> dict:
@@ -42,9 +42,7 @@ def report(results: Results, out: Path, size: str) -> dict:
     title=f"Inception-style net, Fashion-MNIST; mean of seeds {seeds}, band min–max",
   )
   ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-  fig.tight_layout()
-  fig.savefig(out / "e2.png", dpi=100)
-  plt.close(fig)
+  save_figure(fig, out / "e2.png")
   text = results.header("E2 — paper Figure 3 at small scale: Inception-style convnet", "e2")
   text += (
     f"A small Inception-style net (conv-BN-activation stem, four inception modules with 1×1, 3×3, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.reporting.results import Results, Run, commands, fixed, mean_spread, notes, table
+from experiments.reporting.results import Results, Run, commands, fixed, mean_spread, notes, save_figure, table
 
 # (label, mode in the plan, metric, colour, line style)
 CURVES = (
@@ -83,9 +83,7 @@ def report(results: Results, out: Path, size: str) -> dict:
     title="Training-chunk time per step (8 host devices, 2 CPU cores)",
   )
   time_ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
-  fig.tight_layout()
-  fig.savefig(out / "e3.png", dpi=100)
-  plt.close(fig)
+  save_figure(fig, out / "e3.png")
 
   text = results.header("E3 — per-device vs synced BN on 8 devices, every parallel style", "e3")
   first = runs[0]

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.reporting.results import Results, commands, fixed, mean_spread, notes, table
+from experiments.reporting.results import (
+  Results,
+  commands,
+  fixed,
+  half_range,
+  known_mean,
+  mean_spread,
+  notes,
+  save_figure,
+  table,
+)
 
 # The four evaluations of every run: (label, metric, colour, line style)
 EVALUATIONS = (
@@ -25,16 +34,6 @@ def _values(index, mode, size, metric, seeds):
   return [index[mode, size, s].metrics[-1].get(metric) for s in seeds if (mode, size, s) in index]
 
 
-def _mean(values):
-  known = [v for v in values if v is not None]
-  return float(np.mean(known)) if known else math.nan
-
-
-def _spread(values):
-  known = [v for v in values if v is not None]
-  return (max(known) - min(known)) / 2 if len(known) > 1 else 0.0
-
-
 def _sizes(sizes) -> str:
   return ", ".join(map(str, sizes)) if sizes else "none"
 
@@ -42,8 +41,8 @@ def _sizes(sizes) -> str:
 def verdicts(index, sizes, seeds) -> list[str]:
   """Each literature claim, checked against the EMA evaluation (and the others where they are the point)."""
   ema = {n: _values(index, "BN", n, "test_accuracy", seeds) for n in sizes}
-  mean = {n: _mean(v) for n, v in ema.items()}
-  noise = max(MIN_GAP, float(np.median([_spread(v) for v in ema.values()])) * 2)
+  mean = {n: known_mean(v) for n, v in ema.items()}
+  noise = max(MIN_GAP, float(np.median([half_range(v) for v in ema.values()])) * 2)
   best = max(mean, key=mean.get)
   # the smallest size from which every size up to the best is within the noise of the best
   recovered = min(n for n in sizes if n <= best and all(mean[m] >= mean[best] - noise for m in sizes if n <= m <= best))
@@ -67,14 +66,16 @@ def verdicts(index, sizes, seeds) -> list[str]:
       f"{', '.join(map(str, mid))} ({fixed(mean[top], 4)} at {top}) {word} {reference} "
       f"({fixed(mean[synced], 4)}; difference {fixed(diff, 4)})."
     )
-  pooled = {n: _mean(_values(index, "BN", n, "test_accuracy_population_pooled", seeds)) for n in sizes}
-  paper = {n: _mean(_values(index, "BN", n, "test_accuracy_population", seeds)) for n in sizes}
+
+  precise = {n: _values(index, "BN", n, "test_accuracy_population_pooled", seeds) for n in sizes}
+  pooled = {n: known_mean(v) for n, v in precise.items()}
+  paper = {n: known_mean(_values(index, "BN", n, "test_accuracy_population", seeds)) for n in sizes}
   gains = {n: pooled[n] - mean[n] for n in sizes}
   ahead = [n for n in sizes if gains[n] > noise]
   behind = [n for n in sizes if gains[n] < -noise]
   large = [n for n in sizes if n >= 32 and len([v for v in ema[n] if v is not None]) > 1]  # with a seed spread
-  ema_spread = _mean([_spread(ema[n]) for n in large])
-  precise_spread = _mean([_spread(_values(index, "BN", n, "test_accuracy_population_pooled", seeds)) for n in large])
+  ema_spread = known_mean([half_range(ema[n]) for n in large])
+  precise_spread = known_mean([half_range(precise[n]) for n in large])
   out.append(
     "**PreciseBN beats the running average** (Wu & Johnson) — pooled PreciseBN minus EMA: "
     + ", ".join(f"{fixed(gains[n], 4)} at {n}" for n in sizes)
@@ -89,7 +90,7 @@ def verdicts(index, sizes, seeds) -> list[str]:
       else ""
     )
   )
-  batch = {n: _mean(_values(index, "BN", n, "test_accuracy_batch_stats", seeds)) for n in sizes}
+  batch = {n: known_mean(_values(index, "BN", n, "test_accuracy_batch_stats", seeds)) for n in sizes}
   out.append(
     "**The train–test inconsistency** — evaluating with each test batch's own statistics at the training "
     "normalization batch, minus EMA: " + ", ".join(f"{fixed(batch[n] - mean[n], 4)} at {n}" for n in sizes) + "."
@@ -97,11 +98,11 @@ def verdicts(index, sizes, seeds) -> list[str]:
   for mode, _, _ in REPAIRS:
     there = [n for n in sizes if (mode, n, seeds[0]) in index]
     if there:
+      repaired = {n: known_mean(_values(index, mode, n, "test_accuracy", seeds)) for n in there}
       out.append(
         f"**{mode} at small batches** (EMA evaluation) — "
         + ", ".join(
-          f"at {n}: {fixed(_mean(_values(index, mode, n, 'test_accuracy', seeds)), 4)} vs BN's {fixed(mean[n], 4)} "
-          f"({fixed(_mean(_values(index, mode, n, 'test_accuracy', seeds)) - mean[n], 4)})"
+          f"at {n}: {fixed(repaired[n], 4)} vs BN's {fixed(mean[n], 4)} ({fixed(repaired[n] - mean[n], 4)})"
           for n in there
         )
         + f"; {reference}: {fixed(mean[synced], 4)}."
@@ -127,8 +128,8 @@ def report(results: Results, out: Path, size: str) -> dict:
       continue
     ax.errorbar(
       sizes,
-      [_mean(v) for v in values],
-      yerr=[_spread(v) for v in values],
+      [known_mean(v) for v in values],
+      yerr=[half_range(v) for v in values],
       color=color,
       ls=style,
       marker="o",
@@ -142,8 +143,8 @@ def report(results: Results, out: Path, size: str) -> dict:
       values = [_values(index, mode, n, "test_accuracy", seeds) for n in there]
       ax.errorbar(
         there,
-        [_mean(v) for v in values],
-        yerr=[_spread(v) for v in values],
+        [known_mean(v) for v in values],
+        yerr=[half_range(v) for v in values],
         color=color,
         ls="none",
         marker=marker,
@@ -162,9 +163,7 @@ def report(results: Results, out: Path, size: str) -> dict:
     title=f"ResNet-20 on Fashion-MNIST; mean of seeds {seeds}, bars min–max",
   )
   ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
-  fig.tight_layout()
-  fig.savefig(out / "e4.png", dpi=100)
-  plt.close(fig)
+  save_figure(fig, out / "e4.png")
 
   text = results.header("E4 — per-device vs synced BN on a convnet: the normalization batch swept", "e4")
   text += (

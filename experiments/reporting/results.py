@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,14 +120,33 @@ def percent(share: float) -> str:
   return fixed(100 * share, 0) + "%"
 
 
+def known_mean(values) -> float:
+  """The mean of the values that are not None (none: NaN)."""
+  known = [v for v in values if v is not None]
+  return float(np.mean(known)) if known else math.nan
+
+
+def half_range(values) -> float:
+  """Half the range of the values that are not None: the seed spread (fewer than two: 0)."""
+  known = [v for v in values if v is not None]
+  return (max(known) - min(known)) / 2 if len(known) > 1 else 0.0
+
+
 def mean_spread(values, digits: int = 4) -> str:
   """'mean ± half the range' over seeds (one value: itself)."""
-  values = np.asarray([v for v in values if v is not None], float)
-  if len(values) == 0:
+  known = [v for v in values if v is not None]
+  if not known:
     return "–"
-  if len(values) == 1:
-    return fixed(values[0], digits)
-  return f"{fixed(values.mean(), digits)} ± {fixed((values.max() - values.min()) / 2, digits)}"
+  if len(known) == 1:
+    return fixed(known[0], digits)
+  return f"{fixed(known_mean(known), digits)} ± {fixed(half_range(known), digits)}"
+
+
+def save_figure(fig, path: Path, **layout) -> None:
+  """Lay out, write at the report's resolution, and free the figure."""
+  fig.tight_layout(**layout)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def value_range(values, digits: int = 1, suffix: str = "") -> str:
