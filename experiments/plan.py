@@ -62,6 +62,10 @@ E4_SIZES = (2, 4, 8, 16, 32, 64, 128)
 E4_REPAIRS = (2, 4)  # where Batch Renorm and a FrozenBatchNorm final phase are tried
 E4_PRECISE_SAMPLES = 10_000  # PreciseBN's training samples (Wu & Johnson: 10^3-10^4 suffice)
 E4_FROZEN_SHARE = 5  # the FrozenBN phase: the last 1/5 of the steps
+# E4-long: E4 at 4x its length (its recipe's step schedule stretched over 2,400 steps).
+E4_LONG_STEPS = 4 * E4_STEPS
+E4_LONG_SIZES = (2, 8, 32, 128)
+E4_LONG_EVAL = 800
 
 SIZES = {
   "full": dict(
@@ -85,6 +89,7 @@ SIZES = {
     e4_sizes=E4_SIZES,
     e4_repairs=("Batch Renorm", "FrozenBN final phase"),
     e4_precise=E4_PRECISE_SAMPLES,
+    e4_long_seeds=(0, 1),
   ),
   "default": dict(
     e1_steps=3000,
@@ -247,10 +252,16 @@ def runs(size: str) -> list[Run]:
       plan.append(_e4_run(s["e4_steps"], seed, size, "BN", s["e4_precise"]))
       for mode in s["e4_repairs"] if size in E4_REPAIRS else ():
         plan.append(_e4_run(s["e4_steps"], seed, size, mode, s["e4_precise"]))
+  for seed in s.get("e4_long_seeds", ()):
+    for size in E4_LONG_SIZES:
+      plan.append(_e4_run(E4_LONG_STEPS, seed, size, "BN", s["e4_precise"], "e4_long", E4_LONG_EVAL))
+    plan.append(_e4_run(E4_LONG_STEPS, seed, 2, "FrozenBN final phase", s["e4_precise"], "e4_long", E4_LONG_EVAL))
   return plan
 
 
-def _e4_run(steps: int, seed: int, size: int, mode: str, precise: int) -> Run:
+def _e4_run(
+  steps: int, seed: int, size: int, mode: str, precise: int, experiment: str = "e4", eval_every: int | None = None
+) -> Run:
   """One E4 run: normalization batch `size` of the global 128, evaluated four ways at the end."""
   per_device = E4_GLOBAL_BATCH // E4_DEVICES
   if size == E4_GLOBAL_BATCH:
@@ -272,12 +283,12 @@ def _e4_run(steps: int, seed: int, size: int, mode: str, precise: int) -> Run:
     dataset="fashion_mnist",
     global_batch_size=E4_GLOBAL_BATCH,
     steps=steps,
-    eval_every=steps,
-    checkpoint_every=steps,
+    eval_every=eval_every or steps,
+    checkpoint_every=eval_every or steps,
     seed=seed,
     **placement,
     **extra,
   )
   return Run(
-    "e4", f"{slug}-n{size}-seed{seed}", tuple(a for a in args if a != ""), {"mode": mode, "size": size, "seed": seed}
+    experiment, f"{slug}-n{size}-seed{seed}", tuple(a for a in args if a != ""), {"mode": mode, "size": size, "seed": seed}
   )
