@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 
+from trainer import cli
 from trainer.bn_modes import BN_MODES
 from trainer.config import DEFAULTS, Config, ConfigError
 from trainer.models import MODELS
@@ -40,6 +41,8 @@ def _recipes() -> str:
 
 
 def _default(field: dataclasses.Field) -> str:
+  if "(default:" in field.metadata["help"]:  # the help says it in its own words
+    return ""
   if field.name in DEFAULTS:
     general = DEFAULTS[field.name]
     return " (default: the model's recipe" + ("" if general is None else f", else {general}") + ")"
@@ -47,7 +50,7 @@ def _default(field: dataclasses.Field) -> str:
 
 
 def make_parser():
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog="train.py", description=__doc__, epilog=_recipes(), formatter_class=argparse.RawDescriptionHelpFormatter
   )
   for field in dataclasses.fields(Config):
@@ -146,6 +149,9 @@ def main(argv=None):
     if args.overwrite and rundir.holds_run(Path(config.out)):
       print(f"--overwrite: the old run is now {rundir.move_aside(Path(config.out))}", file=sys.stderr)
     rundir.check(config)
+    if config.resume and not rundir.holds_run(Path(config.out)):
+      # A requeued job runs its command again before the first checkpoint exists: start, but say so.
+      print(f"--resume: {config.out} holds no run yet; starting a new one there", file=sys.stderr)
     devices = setup_devices(
       config,
       args.coordinator,

@@ -19,7 +19,6 @@ the scalar loss itself is not BN's work), jitted, median of interleaved repeats:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from flax import linen as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn
 from benchmarks import common
+from trainer import cli
 
 SHAPES = [
   ((4096, 1024), jnp.float32),
@@ -118,7 +118,7 @@ def candidates(shape, dtype):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
+  parser = cli.ArgumentParser()
   parser.add_argument("--rounds", type=int, default=30)
   args = parser.parse_args(argv)
   rows = []

@@ -12,7 +12,6 @@ stream alone, without a model: images per second one host can deliver.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,12 +22,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer
 from benchmarks import common
+from trainer import cli
 from trainer import data as data_lib
 from trainer.input import DeviceFeed, Pixels, StreamFeed, default_workers, plan_batches
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=20, help="training steps per timed sample")
   parser.add_argument("--workers", type=int, default=None, help="grain worker processes (default: cores - 1)")

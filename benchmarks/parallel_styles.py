@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn  # noqa: E402
 import trainer  # noqa: E402
 from benchmarks import common  # noqa: E402
+from trainer import cli  # noqa: E402
 from trainer.input import Batches, DeviceFeed  # noqa: E402
 
 STYLES, MODES = trainer.PARALLEL_STYLES, ("per-device", "sync")
@@ -83,7 +83,7 @@ def layer_programs(style: str, mode: str, devices):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
+  parser = cli.ArgumentParser()
   parser.add_argument("--rounds", type=int, default=10)
   args = parser.parse_args(argv)
   devices = jax.devices()

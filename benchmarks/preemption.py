@@ -13,7 +13,6 @@ first of every 10 steps (a checkpoint needs an evaluation).
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common
+from trainer import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTED = 10  # the checkpoint step that says training runs
@@ -105,7 +105,7 @@ def _finish(procs: list[subprocess.Popen], since: float) -> list[dict]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="resnet20")
   parser.add_argument("--peer-timeouts", default="5,15", help="comma-separated --peer-timeout values to try")
   parser.add_argument("--data-dir", default="data")

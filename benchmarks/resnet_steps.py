@@ -16,7 +16,6 @@ on an accelerator ResNet-20 at a larger batch and ResNet-50 at 224x224.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common
 from benchmarks.train_steps import rows_of, time_steps
+from trainer import cli
 
 # (name, image side, batch) per platform
 CASES = {
@@ -34,7 +34,7 @@ CASES = {
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=10)
   args = parser.parse_args(argv)
   device = jax.devices()[0]

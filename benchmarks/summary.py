@@ -8,13 +8,13 @@ malloc-tuned run (…tuned-malloc.json), where present, is the second column.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common
+from trainer import cli
 
 
 def load(path: Path) -> dict | None:
@@ -22,7 +22,7 @@ def load(path: Path) -> dict | None:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--platform", default="cpu")
   args = parser.parse_args(argv)
   default = load(common.result_path("bn_layer", args.platform, tuned=False))

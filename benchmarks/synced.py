@@ -11,7 +11,6 @@ the cost of the synced code path alone).
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from flax import linen as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn  # noqa: E402
 from benchmarks import common  # noqa: E402
+from trainer import cli  # noqa: E402
 
 SHAPES = [(512, 256), (16, 16, 16, 64)]  # per device
 COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "collective_permute")
@@ -38,7 +38,7 @@ def collectives(hlo: str) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
+  parser = cli.ArgumentParser()
   parser.add_argument("--rounds", type=int, default=30)
   args = parser.parse_args(argv)
   devices = jax.device_count()

@@ -12,7 +12,6 @@ dispatch), for the paper's MLP (batch 60) and the Inception-style net (batch
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -26,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn
 import trainer
 from benchmarks import common
-from trainer import steps
+from trainer import (
+  cli,
+  steps,
+)
 from trainer.models import MODELS
 
 NORMS = {"no BN": None, "jaxbn": jaxbn.BatchNorm, "flax": nn.BatchNorm}
@@ -72,7 +74,7 @@ def rows_of(times: dict, **labels) -> list[dict]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
+  parser = cli.ArgumentParser()
   parser.add_argument("--rounds", type=int, default=10)
   args = parser.parse_args(argv)
   device = jax.devices()[0]

@@ -10,7 +10,6 @@ layout your own images need.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,12 +17,15 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer import data
+from trainer import (
+  cli,
+  data,
+)
 from trainer.augment import read
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dataset", default="fashion_mnist")
   parser.add_argument("--data-dir", default="data")
   parser.add_argument("--train", type=int, default=5000, help="training images to write (evenly over the split)")

@@ -11,7 +11,6 @@ inference time of both nets (jitted, whole test set, median of repeats).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,10 @@ import orbax.checkpoint as ocp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxbn
 import trainer
-from trainer import data
+from trainer import (
+  cli,
+  data,
+)
 
 
 def fold_mlp(params: dict, batch_stats: dict, epsilon: float) -> dict:
@@ -56,7 +58,7 @@ def median_seconds(fn, *args, repeats=20):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("run", help="a train.py run directory of --model mlp with --bn per-device or sync")
   args = parser.parse_args(argv)
   run = Path(args.run)

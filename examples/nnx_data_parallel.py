@@ -11,13 +11,17 @@ the running statistics keep one row per device until evaluation pools them.
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
 
 import jax
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer import cli
+
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--devices", type=int, default=8, help="host devices to create (CPU)")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--per-device-batch", type=int, default=4)

@@ -290,5 +290,8 @@ def _e4_run(
     **extra,
   )
   return Run(
-    experiment, f"{slug}-n{size}-seed{seed}", tuple(a for a in args if a != ""), {"mode": mode, "size": size, "seed": seed}
+    experiment,
+    f"{slug}-n{size}-seed{seed}",
+    tuple(a for a in args if a != ""),
+    {"mode": mode, "size": size, "seed": seed},
   )

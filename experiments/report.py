@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.reporting import e1, e2, e3, e4
 from experiments.reporting.results import ROOT, Results, fixed
+from trainer import cli
 
 SECTIONS = (
   (
@@ -37,7 +38,7 @@ SECTIONS = (
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=["default", "full"], default="default")
   parser.add_argument("--reports", default="reports")
   parser.add_argument("--out", help="where to write (default: REPORTS/SIZE, next to its data)")

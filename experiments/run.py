@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.plan import runs
+from trainer import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def select(plan, only=None, match=None, shard=None) -> list:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=["default", "full"], default="default")
   parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3,e4)")
   parser.add_argument("--match", help="only the runs whose name contains this (e.g. seed1)")

@@ -23,8 +23,8 @@ def batch_renorm(
   stats: dict[str, Any],
   *,
   training: bool,
-  r_max,
-  d_max,
+  r_max=None,
+  d_max=None,
   axis: int | Sequence[int] = -1,
   momentum: float = 0.99,
   epsilon: float = 1e-5,
@@ -51,7 +51,8 @@ def batch_renorm(
   r and d are constants of the gradient. `r_max = 1, d_max = 0` is exactly
   BN; without clipping the training output equals the inference output.
   `r_max`, `d_max` may be traced values (schedules under jit: see
-  `renorm_schedule`). Running statistics update as in `batch_norm` and have
+  `renorm_schedule`); inference never uses them, so they are needed only
+  with `training=True` (a `ValueError` names the missing one). Running statistics update as in `batch_norm` and have
   its layout, so checkpoints interchange; inference is BN's.
 
   Per-device Batch Renorm corrects toward the running statistics pooled over
@@ -63,19 +64,25 @@ def batch_renorm(
 
   Every other argument is `batch_norm`'s.
   """
-  renorm = functional.Renorm(r_max, d_max, stats_axis_name=stats_axis_name)
+  if training:
+    for name, value in (("r_max", r_max), ("d_max", d_max)):
+      if value is None:
+        raise ValueError(f"{name}: Batch Renorm needs it in training (e.g. r_max=3.0, d_max=5.0); got None.")
+  else:  # inference is BN's: the limits are never read
+    r_max, d_max = 1.0, 0.0
+  renorm = functional.Renorm(r_max=r_max, d_max=d_max, stats_axis_name=stats_axis_name)
   options = functional.BNOptions(
-    axis,
-    momentum,
-    epsilon,
-    axis_name,
-    axis_index_groups,
-    unbiased,
-    skip_nonfinite,
-    dtype,
-    batch_groups,
-    batch_axis,
-    renorm,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    unbiased=unbiased,
+    skip_nonfinite=skip_nonfinite,
+    dtype=dtype,
+    batch_groups=batch_groups,
+    batch_axis=batch_axis,
+    renorm=renorm,
   )
   return functional.normalize(x, params, stats, options, training=training, mask=mask)
 

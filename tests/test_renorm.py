@@ -82,6 +82,19 @@ def test_unclipped_training_output_is_the_inference_output():
   assert same is stats
 
 
+def test_inference_needs_no_limits_and_training_names_the_missing_one():
+  x, scale, bias, stats = _data(seed=4)
+  params = {"scale": scale, "bias": bias}
+  y, same = jaxbn.batch_renorm(x, params, stats, training=False)
+  bn, _ = jaxbn.batch_norm(x, params, stats, training=False)
+  np.testing.assert_array_equal(y, bn)  # inference is BN's
+  assert same is stats
+  with pytest.raises(ValueError, match=r"^d_max: .*training"):
+    jaxbn.batch_renorm(x, params, stats, training=True, r_max=3.0)
+  with pytest.raises(ValueError, match=r"^r_max: .*training"):
+    jaxbn.batch_renorm(x, params, stats, training=True, d_max=5.0)
+
+
 def test_synced_equals_the_global_batch_and_limits_may_be_traced():
   x, scale, bias, stats = _data(shape=(32, 4), seed=4)
   run = jax.jit(

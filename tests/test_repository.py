@@ -1,5 +1,6 @@
 """What a report shows must be in git: the ignore rules must not swallow its metrics."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -26,3 +27,19 @@ def test_report_metrics_and_benchmark_results_are_not_ignored():
     assert not _ignored(path), path
   for path in ("data/fashion_mnist/1.0.0/x", "runs/x/metrics.jsonl", ".venv/bin/python", "reports/default/e1.md"):
     assert _ignored(path), path
+
+
+def test_every_changelog_entry_names_its_issue():
+  """CHANGELOG.md says each entry names the issue that brought it: hold it to that."""
+  entries, current = [], None
+  for line in (ROOT / "CHANGELOG.md").read_text().splitlines():
+    if line.startswith("- "):
+      current = [line]
+      entries.append(current)
+    elif line.startswith("  ") and current is not None:
+      current.append(line)
+    else:
+      current = None
+  assert len(entries) > 20
+  unnamed = [" ".join(e)[:80] for e in entries if not re.search(r"\bissues? \d+", " ".join(e))]
+  assert not unnamed, unnamed

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from tests.idx_files import make_dataset, write_dataset  # noqa: E402
-from tests.train_runs import run, train_command  # noqa: E402
+from tests.train_runs import metrics, run, train_command  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ from tests.train_runs import run, train_command  # noqa: E402
     (["--resume", "--overwrite"], "--overwrite"),
     (["--init-std", "inf"], "--init-std"),
     (["--population-batches", "-1", "--bn", "sync"], "--population-batches"),
-    (["--population-batches", "10"], "--population-batches"),  # --bn none has no statistics
+    (["--population-batches", "10", "--bn", "none"], "--population-batches"),  # no statistics
     (["--population-batches", "10", "--bn", "renorm"], "--population-batches"),
   ],
 )
@@ -48,8 +48,21 @@ def test_bad_flags_are_one_line_usage_errors(flags, flag, capsys):
   with pytest.raises(SystemExit) as exit_info:
     train.parse_args(flags)
   assert exit_info.value.code == 2
-  error = capsys.readouterr().err.strip().splitlines()[-1]
-  assert error.startswith("train.py: error:") and flag in error, error
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1, lines  # the one line that matters, not the usage text before it
+  assert lines[0].startswith("train.py: error:") and flag in lines[0] and lines[0].endswith("(see train.py --help)")
+
+
+@pytest.mark.parametrize("model", ["mlp", "inception", "resnet20", "resnet50"])
+def test_every_model_trains_with_synced_bn_unless_told(model):
+  assert train.parse_args(["--model", model])[0].bn == "sync"
+  assert train.parse_args(["--model", model, "--bn", "none"])[0].bn == "none"
+  assert "(default: the model's recipe, else sync)" in " ".join(train.make_parser().format_help().split())
+
+
+def test_help_shows_one_default_per_flag():
+  for action in train.make_parser()._actions:
+    assert (action.help or "").count("(default:") <= 1, action.option_strings
 
 
 def test_defaults_adapt_and_help_shows_every_default():
@@ -109,9 +122,9 @@ def test_a_run_directory_is_never_overwritten_or_mixed(tmp_path, idx_dir):
   assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
   assert _snapshot(out) == before
 
-  changed = _run(idx_dir, out, "--steps", "20", "--lr", "0.1", "--bn", "sync", "--resume")
+  changed = _run(idx_dir, out, "--steps", "20", "--lr", "0.1", "--bn", "none", "--resume")
   assert changed.returncode == 2
-  assert "--lr 0.1 (the run has 0.5)" in changed.stderr and "--bn sync (the run has none)" in changed.stderr
+  assert "--lr 0.1 (the run has 0.5)" in changed.stderr and "--bn none (the run has sync)" in changed.stderr
   assert _snapshot(out) == before
 
   finished = _run(idx_dir, out, "--steps", "20", "--resume")  # prints its final metrics
@@ -131,6 +144,14 @@ def test_a_run_directory_is_never_overwritten_or_mixed(tmp_path, idx_dir):
   assert fresh.returncode == 0, fresh.stderr[-3000:]
   kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
   assert len(kept) == 1 and (kept[0] / "metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_resume_without_a_run_starts_one_and_says_so(tmp_path, idx_dir):
+  out = tmp_path / "requeued"
+  result = _run(idx_dir, out, "--steps", "10", "--resume")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"--resume: {out} holds no run yet; starting a new one there" in result.stderr.splitlines()
+  assert [m["step"] for m in metrics(out)] == [10]
 
 
 def test_a_diverging_run_stops_with_valid_metrics(tmp_path, idx_dir):
@@ -216,6 +237,7 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_d
   assert (tmp_path / "run" / "checkpoints" / "10").exists()
 
 
+@pytest.mark.slow
 def test_a_process_alone_gives_up_within_the_timeout(tmp_path, idx_dir):
   port = 23000 + os.getpid() % 1000
   for process_id, expected in (

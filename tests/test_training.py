@@ -150,6 +150,7 @@ def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
   assert last["test_loss"] == pytest.approx(loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, idx_dir):
   """2 processes x 2 CPU devices (gloo on 127.0.0.1) == 1 process x 4 devices,
   in train.py's default parallel style (jax.jit over sharded arrays).

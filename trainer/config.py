@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = dict(
   warmup_steps=0,
   weight_decay=0.0,
   label_smoothing=0.0,
+  bn="sync",
   bn_momentum=0.99,
   eval_every=1000,
   normalize="unit",
@@ -84,7 +85,8 @@ class Config:
     "stream: grain worker processes for decoding and augmentation (0: in this process; default: cores - 1, at most 8)"
   )
   image_size: int | None = _flag(
-    "the side of the square images the model sees (default: the images' own size; large-image recipes: 224)"
+    "the side of the square images the model sees (default: the model's recipe, 224 for the ImageNet ResNets, "
+    "else the images' own size)"
   )
   augment: str | None = _flag(
     "training augmentation (default: none for mlp/inception; crop-flip for images up to 64 px, "
@@ -97,7 +99,7 @@ class Config:
   )
   # ---- model and BN
   model: str = _flag("the model", "mlp", tuple(MODELS))
-  bn: str = _flag("the BN mode", "none", tuple(BN_MODES))
+  bn: str | None = _flag("the BN mode (none: the paper's baseline without BN)", None, tuple(BN_MODES))
   bn_momentum: float | None = _flag("running-average decay of BN statistics (flax meaning)")
   bn_group_size: int | None = _flag(
     "per-device/renorm: examples per normalization group (ghost BN; default: each device's batch); "

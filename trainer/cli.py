@@ -1,0 +1,13 @@
+"""What every command-line tool of the project shares."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser, but a usage error is one line: what is wrong, and where the help is
+  (not the whole usage text in front of it)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
