@@ -140,11 +140,19 @@ def main(argv=None):
 
   import jax
 
-  from trainer import rundir
+  from trainer import distributed, rundir
   from trainer.data import DatasetError
-  from trainer.distributed import exit_now
   from trainer.loop import CheckpointError, NonFiniteLossError, Preempted, setup_devices, train_and_evaluate
 
+  again = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--resume", "--overwrite")]
+  resume_command = f"python train.py {' '.join(again)} --resume"
+
+  def resume_hint() -> str:
+    step = rundir.last_checkpoint(Path(config.out))
+    saved = f"the last checkpoint is step {step}" if step is not None else "no checkpoint was saved yet"
+    return f"In {config.out} {saved}; with every process started again, continue with: {resume_command}"
+
+  distributed.set_resume_hint(resume_hint)
   try:
     if args.overwrite and rundir.holds_run(Path(config.out)):
       print(f"--overwrite: the old run is now {rundir.move_aside(Path(config.out))}", file=sys.stderr)
@@ -165,12 +173,13 @@ def main(argv=None):
   except (rundir.RunDirError, ConfigError) as error:
     parser.error(str(error))
   except (DatasetError, NonFiniteLossError, CheckpointError, ConnectionError) as error:
+    if isinstance(error, CheckpointError) and jax.process_count() > 1:
+      _exit_if_a_peer_is_gone(error, args.peer_timeout)  # a save's collective fails when a peer dies
     sys.exit(f"error: {error}")
   except Preempted as stopped:
-    again = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--resume", "--overwrite")]
     print(
       f"stopped at step {stopped.step} on {stopped.signal_name}: its checkpoint is in {config.out}/checkpoints; "
-      f"continue with: python train.py {' '.join(again)} --resume",
+      f"continue with: {resume_command}",
       file=sys.stderr,
     )
     sys.exit(0)
@@ -178,14 +187,33 @@ def main(argv=None):
     if jax.process_count() == 1:
       raise
     # Several processes: most often a collective failed because another process died.
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    exit_now(
-      f"error: process {jax.process_index()}: {type(error).__name__}: {reason} (another process died?); exiting."
+    _exit_if_a_peer_is_gone(error, args.peer_timeout)
+    distributed.peer_lost(
+      f"error: process {jax.process_index()}: a collective failed, another process died? ({_first_line(error)}); "
+      "exiting."
     )
   print(
     f"step {last['step']}: test accuracy {last['test_accuracy']:.4f}, "
     f"test loss {last['test_loss']:.4f} (wall time {last['wall_time']:.1f} s)"
   )
+
+
+def _first_line(error: Exception) -> str:
+  return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+
+
+def _exit_if_a_peer_is_gone(error: Exception, peer_timeout: int) -> None:
+  """Exit in one line naming the lost process, the last checkpoint and how to resume, when the
+  peer watch (trainer.distributed.PeerWatch) sees within seconds that a process is gone."""
+  from trainer import distributed
+
+  gone = distributed.lost_peers(wait=min(peer_timeout, 15))
+  if gone:
+    import jax
+
+    distributed.peer_lost(
+      f"error: process {jax.process_index()}: process {', '.join(gone)} is gone ({_first_line(error)}); exiting."
+    )
 
 
 if __name__ == "__main__":

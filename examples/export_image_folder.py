@@ -35,7 +35,10 @@ def main(argv=None):
   out = Path(args.out)
   if out.exists() and any(out.iterdir()):
     parser.error(f"--out: {out} is not empty; give a new directory")
-  ds = data.open_dataset(args.dataset, data_dir=args.data_dir)
+  try:
+    ds = data.open_dataset(args.dataset, data_dir=args.data_dir)
+  except data.DatasetError as error:
+    sys.exit(f"error: {error}")
   names = ds.class_names
   for split, source, count in (("train", ds.train, args.train), ("test", ds.test, args.test)):
     picks = np.linspace(0, len(source) - 1, min(count, len(source))).astype(int)

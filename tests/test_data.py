@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import http.server
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,8 +109,11 @@ def test_download_rejects_wrong_checksum(tmp_path):
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
   # The server serves nothing: every file is a 404.
-  with _Server(tmp_path) as server, pytest.raises(data.DatasetNotFoundError, match="--idx-dir DIR"):
+  with _Server(tmp_path) as server, pytest.raises(data.DatasetNotFoundError, match="--idx-dir DIR") as error:
     data.load("mnist", data_dir=str(tmp_path / "tfds"), url_base=server.url)
+  # The directory where it would be prepared, not TFDS's temporary one of the failed attempt.
+  assert f"--dataset mnist: not prepared under {tmp_path / 'tfds' / 'mnist' / '1.0.0'}," in str(error.value)
+  assert "incomplete" not in str(error.value)
 
 
 def test_idx_dir_missing_files(tmp_path):
@@ -119,5 +123,36 @@ def test_idx_dir_missing_files(tmp_path):
 
 
 def test_unknown_dataset(tmp_path):
-  with pytest.raises(data.DatasetNotFoundError, match="--dataset: TFDS knows no dataset 'no_such_dataset'"):
+  with pytest.raises(data.DatasetNotFoundError, match="--dataset: TFDS knows no dataset 'no_such_dataset'") as error:
     data.load("no_such_dataset", data_dir=str(tmp_path))
+  assert "did you mean" not in str(error.value)
+  with pytest.raises(data.DatasetNotFoundError, match=r"'fashionmnist' \(did you mean fashion_mnist\? "):
+    data.load("fashionmnist", data_dir=str(tmp_path))
+
+
+def test_export_image_folder_offline_is_one_line(tmp_path):
+  """examples/export_image_folder.py where the dataset cannot be had: one line, no traceback."""
+  import subprocess
+  import sys
+
+  script = Path(__file__).resolve().parents[1] / "examples" / "export_image_folder.py"
+  result = subprocess.run(
+    [
+      sys.executable,
+      str(script),
+      "--dataset",
+      "fashionmnist",
+      "--data-dir",
+      str(tmp_path),
+      "--out",
+      str(tmp_path / "o"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines() == [
+    "error: --dataset: TFDS knows no dataset 'fashionmnist' (did you mean fashion_mnist? see tfds.list_builders()); "
+    "for your own images use --image-folder DIR."
+  ]

@@ -21,15 +21,19 @@ from trainer import data
 from trainer.loop import train_and_evaluate
 
 
-def write_folder(root: Path, classes=("cat", "dog", "emu"), per_class=(6, 3), size=(20, 24), seed=0) -> Path:
-  """DIR/{train,test}/CLASS/*.png|jpg: class k's images are brighter with k, so a model can learn them."""
+def write_folder(
+  root: Path, classes=("cat", "dog", "emu"), per_class=(6, 3), size=(20, 24), seed=0, other_size=None
+) -> Path:
+  """DIR/{train,test}/CLASS/*.png|jpg: class k's images are brighter with k, so a model can learn them;
+  every fourth image `other_size` when given."""
   rng = np.random.default_rng(seed)
   for split, count in zip(("train", "test"), per_class, strict=True):
     for k, name in enumerate(classes):
       directory = root / split / name
       directory.mkdir(parents=True)
       for i in range(count):
-        pixels = np.clip(60 * k + rng.normal(40, 20, (*size, 3)), 0, 255).astype(np.uint8)
+        shape = other_size if other_size and i % 4 == 1 else size
+        pixels = np.clip(60 * k + rng.normal(40, 20, (*shape, 3)), 0, 255).astype(np.uint8)
         if i % 3 == 2:  # some grey images: stored as RGB
           Image.fromarray(pixels[..., 0]).save(directory / f"{i}.png")
         else:
@@ -42,7 +46,7 @@ def test_an_image_folder_becomes_a_dataset(tmp_path):
   (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0")  # skipped, not an error
   ds = data.open_dataset(image_folder=str(root), data_dir=str(tmp_path / "tfds"))
   assert (len(ds.train), len(ds.test), ds.num_classes, ds.channels) == (18, 9, 3, 3)
-  assert ds.image_shape is None  # its feature has no fixed size: images are resized to --image-size
+  assert ds.image_shape == (20, 24, 3)  # every image has this size
   records = ds.train.__getitems__(list(range(18)))
   # Classes sorted by name: cat 0, dog 1, emu 2; each class's images keep their brightness.
   by_label = {k: [r["image"].mean() for r in records if r["label"] == k] for k in range(3)}
@@ -158,7 +162,9 @@ def test_a_folder_of_varying_sizes_needs_an_image_size_and_large_images_stream(t
   from trainer.config import Config, ConfigError
   from trainer.input import plan_batches
 
-  ds = data.open_dataset(image_folder=str(write_folder(tmp_path / "images")), data_dir=str(tmp_path / "tfds"))
+  root = write_folder(tmp_path / "images", other_size=(24, 20))
+  ds = data.open_dataset(image_folder=str(root), data_dir=str(tmp_path / "tfds"))
+  assert ds.image_shape is None  # no one size: images are resized to --image-size
   with pytest.raises(ConfigError, match=r"--image-size: .* varying size; give the side"):
     plan_batches(Config(model="resnet20", image_folder="x"), ds, 8)
   small, path = plan_batches(Config(model="resnet20", image_folder="x", image_size=24), ds, 8)
@@ -169,3 +175,18 @@ def test_a_folder_of_varying_sizes_needs_an_image_size_and_large_images_stream(t
     plan_batches(Config(model="resnet20", image_folder="x", image_size=24, input="device"), ds, 8)
   with pytest.raises(ConfigError, match="--batch-size: a global batch of 64 exceeds the 18 training examples"):
     plan_batches(Config(model="resnet20", image_folder="x", image_size=24), ds, 64)
+
+
+def test_a_folder_of_one_image_size_needs_no_image_size(tmp_path):
+  from trainer.config import Config, ConfigError
+  from trainer.input import plan_batches
+
+  square = write_folder(tmp_path / "square", size=(16, 16))
+  ds = data.open_dataset(image_folder=str(square), data_dir=str(tmp_path / "tfds"))
+  assert ds.image_shape == (16, 16, 3)
+  batches, path = plan_batches(Config(model="resnet20", image_folder="x"), ds, 8)
+  assert (batches.augment, batches.image_shape, path) == ("crop-flip", (16, 16, 3), "device")
+  wide = write_folder(tmp_path / "wide", size=(16, 20))  # one size, but not square: the side is still asked
+  ds = data.open_dataset(image_folder=str(wide), data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ConfigError, match=r"--image-size: .* non-square size"):
+    plan_batches(Config(model="resnet20", image_folder="x"), ds, 8)

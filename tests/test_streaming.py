@@ -143,8 +143,10 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path, i
 @pytest.mark.slow
 def test_a_process_whose_peer_died_exits_in_one_line_within_the_bound(tmp_path, idx_dir):
   args = ("--devices", "1", "--batch-size", "6", "--steps", "100000", "--eval-every", "100", "--bn", "sync")
-  procs = _processes(idx_dir, tmp_path / "multi", (*args, "--input-workers", "0", "--peer-timeout", "5"))
+  extra = ("--input-workers", "0", "--peer-timeout", "5", "--checkpoint-every", "100")
+  procs = _processes(idx_dir, tmp_path / "multi", (*args, *extra))
   _wait_for_step(tmp_path / "multi", procs[0], 100)
+  time.sleep(0.5)  # past the checkpoint of step 100
   procs[1].send_signal(signal.SIGKILL)
   killed = time.time()
   _, stderr = procs[0].communicate(timeout=60)
@@ -152,4 +154,8 @@ def test_a_process_whose_peer_died_exits_in_one_line_within_the_bound(tmp_path, 
   assert procs[0].returncode == 1 and elapsed < 5 + 15, (elapsed, stderr[-2000:])
   lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "process 0:" in lines[0] and "exiting" in lines[0], stderr[-2000:]
+  # which process is gone, the last checkpoint, and how to resume
+  assert "process 1 " in lines[0].split("process 0:", 1)[1], lines[0]
+  saved = max(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit())
+  assert f"the last checkpoint is step {saved};" in lines[0] and lines[0].endswith("--resume"), lines[0]
   assert stderr.strip().splitlines()[-1] == lines[0]  # nothing after it: no JAX abort, no stack trace

@@ -66,7 +66,9 @@ def setup_devices(
         heartbeat_timeout_seconds=3 * peer_timeout,
       )
     _native_stderr_to(log)
-    PeerWatch(peer_timeout, log).start()
+    global _watch
+    _watch = PeerWatch(peer_timeout, log)
+    _watch.start()
   devices = jax.local_devices()
   if config.devices:
     if len(devices) < config.devices:
@@ -115,6 +117,33 @@ def _native_stderr_to(path: Path) -> None:
   sys.stderr = os.fdopen(terminal, "w", buffering=1)
 
 
+_resume_hint = None  # () -> str: where the last checkpoint is and how to resume (set by train.py)
+_watch: PeerWatch | None = None
+
+
+def set_resume_hint(hint) -> None:
+  """`hint()` is appended to the line a process exits with when a peer is lost."""
+  global _resume_hint
+  _resume_hint = hint
+
+
+def peer_lost(message: str) -> None:
+  """Exit in one line: what happened, then the last checkpoint and how to resume."""
+  exit_now(message + (f" {_resume_hint()}" if _resume_hint else ""))
+
+
+def lost_peers(wait: float) -> list[str]:
+  """The processes that have stopped answering ("0" too when the coordinator is gone),
+  watching for up to `wait` seconds; [] without a watch or when every process answers."""
+  deadline = time.time() + wait
+  while _watch is not None:
+    gone = _watch.silent(3.0)
+    if gone or time.time() > deadline:
+      return gone
+    time.sleep(0.5)
+  return []
+
+
 def exit_now(message: str, code: int = 1) -> None:
   """One line, then exit at once: after a peer died, JAX's shutdown would wait
   for it and then abort with a stack trace."""
@@ -133,31 +162,39 @@ class PeerWatch(threading.Thread):
   def __init__(self, timeout: int, log: Path):
     super().__init__(daemon=True, name="jaxbn-peer-watch")
     self.timeout, self.log = timeout, log
+    self.seen: dict[str, tuple[str, float]] = {}  # process -> (its count, when it last moved)
+    self.store_ok = time.time()
+
+  def silent(self, seconds: float) -> list[str]:
+    """The processes silent for more than `seconds` (process 0 when the store is)."""
+    now = time.time()
+    if now - self.store_ok > seconds:
+      return ["0"]
+    return sorted(p for p, (_, moved) in list(self.seen.items()) if now - moved > seconds)
 
   def run(self):
     from jax._src import distributed
 
     client, me = distributed.global_state.client, jax.process_index()
-    seen: dict[str, tuple[str, float]] = {}
-    store_ok = time.time()
     while True:
       now = time.time()
       try:
         client.key_value_increment(f"{self.PREFIX}{me}", 1)
         for key, value in client.key_value_dir_get(self.PREFIX):
-          if seen.get(key, ("", 0.0))[0] != value:
-            seen[key] = (value, now)
-        store_ok = now
+          process = key.rsplit("/", 1)[-1]
+          if self.seen.get(process, ("", 0.0))[0] != value:
+            self.seen[process] = (value, now)
+        self.store_ok = now
       except Exception:
-        if now - store_ok > self.timeout:
-          exit_now(
-            f"error: process {me}: the coordinator (process 0) has not answered for {now - store_ok:.0f} s "
-            f"(--peer-timeout {self.timeout}); exiting. JAX's messages: {self.log}"
+        if now - self.store_ok > self.timeout:
+          peer_lost(
+            f"error: process {me}: the coordinator (process 0) has not answered for {now - self.store_ok:.0f} s "
+            f"(--peer-timeout {self.timeout}); exiting. JAX's messages: {self.log}."
           )
-      for key, (_, moved) in seen.items():
+      for process, (_, moved) in list(self.seen.items()):
         if now - moved > self.timeout:
-          exit_now(
-            f"error: process {me}: process {key.rsplit('/', 1)[-1]} stopped answering {now - moved:.0f} s ago "
-            f"(killed or crashed?; --peer-timeout {self.timeout}); exiting. JAX's messages: {self.log}"
+          peer_lost(
+            f"error: process {me}: process {process} stopped answering {now - moved:.0f} s ago "
+            f"(killed or crashed?; --peer-timeout {self.timeout}); exiting. JAX's messages: {self.log}."
           )
       time.sleep(1.0)

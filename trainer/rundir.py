@@ -27,6 +27,12 @@ def holds_run(out: Path) -> bool:
   )
 
 
+def last_checkpoint(out: Path) -> int | None:
+  """The step of the newest finished checkpoint in OUT (orbax names it by its step)."""
+  steps = [int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit()]
+  return max(steps, default=None)
+
+
 def move_aside(out: Path) -> Path:
   """--overwrite: the old run is renamed, not deleted."""
   aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import io
 import json
@@ -143,8 +144,12 @@ def _tfds_builder(name: str, data_dir: str | None):
   try:
     return tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(
+      name, sorted({*DATASETS, *tfds.list_builders(with_community_datasets=False)}), n=1, cutoff=0.8
+    )
+    hint = f"did you mean {close[0]}? " if close else ""
     raise DatasetNotFoundError(
-      f"--dataset: TFDS knows no dataset {name!r} (see tfds.list_builders()); "
+      f"--dataset: TFDS knows no dataset {name!r} ({hint}see tfds.list_builders()); "
       f"for your own images use --image-folder DIR."
     ) from None
   except (ModuleNotFoundError, ImportError) as error:

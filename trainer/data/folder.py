@@ -63,6 +63,25 @@ def fingerprint(layout) -> str:
   return digest.hexdigest()[:16]
 
 
+def common_size(layout) -> tuple[int, int] | None:
+  """(height, width) when every image of the folder has it, else None (read from the
+  files' headers: Pillow opens lazily)."""
+  sizes = set()
+  for classes in layout.values():
+    for files in classes.values():
+      for path in files:
+        try:
+          with Image.open(path) as image:
+            sizes.add(image.size[::-1])
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+          raise DatasetError(
+            f"--image-folder: {path} is not a readable image ({type(error).__name__}: {error})."
+          ) from None
+        if len(sizes) > 1:
+          return None
+  return sizes.pop()
+
+
 def _image(path: Path):
   """The file's bytes when it is an RGB image, else the image converted to RGB."""
   try:
@@ -80,14 +99,18 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, root: str, **kwargs):
+  def __init__(self, *, root: str, size: tuple[int, int] | str | None = "scan", **kwargs):
     self._root = Path(root).absolute()
     self._layout = scan(self._root)
+    # Images of one size are declared with it, so the data can live on the devices
+    # and needs no --image-size; mixed sizes are declared (None, None).
+    self._size = common_size(self._layout) if size == "scan" else size
     # One prepared copy per folder and content: another folder, or this one
     # changed, is prepared anew instead of being shadowed.
     self.name = f"image_folder_{_safe(self._root.name)}_{fingerprint(self._layout)}"
     super().__init__(**kwargs)
-    self._original_state["root"] = str(self._root)  # a pickled copy (grain's workers) is rebuilt with it
+    # a pickled copy (grain's workers) is rebuilt with these, without reading every header again
+    self._original_state.update(root=str(self._root), size=self._size)
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -95,7 +118,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       description=f"The images of {self._root}.",
       features=tfds.features.FeaturesDict(
         {
-          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+          "image": tfds.features.Image(shape=(*(self._size or (None, None)), 3), encoding_format="png"),
           "label": tfds.features.ClassLabel(names=sorted(self._layout["train"])),
         }
       ),

@@ -147,6 +147,8 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._url_base = url_base or self.SOURCE.url_base
     self._checksums = sha256 or self.SOURCE.sha256
     super().__init__(**kwargs)
+    # Where it is prepared; while preparing, TFDS's data_dir is a temporary "incomplete.*" one.
+    self._prepared_dir = self.data_dir
     # A pickled copy (grain's workers) is rebuilt with these.
     self._original_state.update(idx_dir=idx_dir, url_base=url_base, sha256=sha256)
 
@@ -213,7 +215,7 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       f" install Debian's dataset-fashion-mnist (files at {self.SOURCE.local_dir}), or" if self.SOURCE.local_dir else ""
     )
     return (
-      f"{self.name}: not prepared under {self.data_dir}, no IDX files given, and the download "
+      f"--dataset {self.name}: not prepared under {self._prepared_dir}, no IDX files given, and the download "
       f"from {self._url_base} failed ({type(error).__name__}: {error}). To get it:{local} pass "
       f"--idx-dir DIR with the four IDX files (train-images-idx3-ubyte[.gz], ...), or run once "
       f"with network access."
