@@ -13,7 +13,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(PYENV_ROOT)/versions/$(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -V | tail -n 1)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast test-newest lint data train reproduce report bench bench-device
+.PHONY: env test test-fast test-newest lint docs data train reproduce report bench bench-device
 
 env: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml jaxbn/__init__.py
 	@test -n "$(PY_VERSION)" || (echo "PYTHON=$(PYTHON): not a Python interpreter" >&2; exit 1)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,report,test,lint]'
+	$(PY) -m pip install -q -e '.[train,report,test,lint,docs]'
 	touch $@
 
 # pytest exits non-zero (5) when it collects no test, so make fails loudly.
@@ -44,6 +44,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# The documentation site (Sphinx, MyST pages, autodoc API reference); any warning fails.
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+	@echo "documentation built: open $(CURDIR)/docs/_build/html/index.html"
 
 # Fashion-MNIST from Debian's package when it is not there yet (no network
 # needed beyond the package mirror), then prepared once as TFDS array_record.
