@@ -21,7 +21,6 @@ html_theme = "furo"
 html_title = f"jaxbn {release}"
 
 
-
 def _plain_text_docstring(app, what, name, obj, options, lines):
   """jaxbn's docstrings are plain text with indented formulas (as the code reads them):
   shown as written, in a literal block, rather than parsed as reStructuredText."""
