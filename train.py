@@ -49,12 +49,10 @@ def _default(field: dataclasses.Field) -> str:
   return "" if field.default is None else f" (default: {field.default})"
 
 
-def make_parser():
-  parser = cli.ArgumentParser(
-    prog="train.py", description=__doc__, epilog=_recipes(), formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+def add_config_flags(parser, skip=()) -> None:
+  """A flag per Config field (but NOT_FLAGS and `skip`), with its help, default and choices."""
   for field in dataclasses.fields(Config):
-    if field.name in NOT_FLAGS:
+    if field.name in NOT_FLAGS or field.name in skip:
       continue
     flag = "--" + field.name.replace("_", "-")
     help = field.metadata["help"] + _default(field)
@@ -66,6 +64,13 @@ def make_parser():
     else:
       kind = {"int | None": int, "int": int, "float | None": float, "float": float}.get(str(field.type), str)
       parser.add_argument(flag, type=kind, metavar=field.name.upper(), help=help)
+
+
+def make_parser():
+  parser = cli.ArgumentParser(
+    prog="train.py", description=__doc__, epilog=_recipes(), formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  add_config_flags(parser)
   parser.add_argument(
     "--resume",
     action="store_true",

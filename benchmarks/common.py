@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from trainer import provenance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,34 +43,19 @@ def time_interleaved(fns: dict, args: dict, rounds: int = 30, inner: int = 3, ji
 
 def machine() -> dict:
   device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
   return {
     "platform": device.platform,
     "device_kind": device.device_kind,
     "devices": jax.device_count(),
-    "cpu": cpu,
+    "cpu": provenance.cpu(),
     "cores": os.cpu_count(),
     "jax": jax.__version__,
   }
 
 
 def commit() -> str:
-  """The commit measured: JAXBN_COMMIT where the copy has no (or a stale) git history."""
-  if os.environ.get("JAXBN_COMMIT"):
-    return os.environ["JAXBN_COMMIT"]
-  try:
-    return subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  """The commit measured (trainer.provenance.commit, without the +changes mark)."""
+  return provenance.commit(dirty=False)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -13,11 +13,9 @@ experiments can go on in parallel: `--only e1` and `--only e2,e3`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.plan import runs
-from trainer import cli
+from trainer import cli, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,25 +36,6 @@ def _finished(out: Path) -> bool:
     return bool(lines) and json.loads(lines[-1])["step"] == config["steps"]
   except (OSError, ValueError, KeyError):
     return False
-
-
-def _machine() -> str:
-  cpu = platform.machine()
-  with contextlib.suppress(OSError, StopIteration):
-    cpu = next(
-      line.split(":", 1)[1].strip()
-      for line in Path("/proc/cpuinfo").read_text().splitlines()
-      if line.startswith("model name")
-    )
-  return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (CPU host devices)"
-
-
-def _commit() -> str:
-  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-  dirty = subprocess.run(
-    ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-  )
-  return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def select(plan, only=None, match=None, shard=None) -> list:
@@ -88,7 +67,7 @@ def main(argv=None):
 
   plan = select(runs(args.size), only, args.match, args.shard)
   for i, run in enumerate(plan, 1):
-    commit = _commit()  # per run: the tree may move on while a long set runs
+    commit = provenance.commit()  # per run: the tree may move on while a long set runs
     out = ROOT / args.runs / args.size / run.experiment / run.name
     command = [
       "python",
@@ -125,7 +104,7 @@ def main(argv=None):
       fcntl.flock(lock, fcntl.LOCK_EX)
       meta_path = target / "runs.json"
       meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": {}}
-      meta.update(size=args.size, machine=_machine())
+      meta.update(size=args.size, machine=provenance.machine())
       if record:
         meta["runs"][key] = record
       meta["runs"].setdefault(key, {"command": " ".join(command), "commit": commit, "labels": run.labels})

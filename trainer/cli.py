@@ -11,3 +11,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def error(self, message: str):
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def flag(name: str) -> str:
+  """The command-line spelling of a Config field: global_batch_size -> --global-batch-size."""
+  return "--" + name.replace("_", "-")

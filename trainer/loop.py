@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -56,6 +57,16 @@ def _floats(losses: list) -> list[float]:
   ]
 
 
+def open_data_of(config: Config):
+  """The run's dataset, prepared first if it is not yet (DatasetError in one line otherwise)."""
+  return data_lib.open_dataset(
+    None if config.image_folder else config.dataset,
+    image_folder=config.image_folder,
+    data_dir=config.data_dir,
+    idx_dir=config.idx_dir,
+  )
+
+
 def train_and_evaluate(config: Config, devices=None) -> dict:
   """Trains as configured; returns the last metrics record.
 
@@ -72,13 +83,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   primary = jax.process_index() == 0
   out = Path(config.out)
 
-  def open_data():
-    return data_lib.open_dataset(
-      None if config.image_folder else config.dataset,
-      image_folder=config.image_folder,
-      data_dir=config.data_dir,
-      idx_dir=config.idx_dir,
-    )
+  open_data = functools.partial(open_data_of, config)
 
   if jax.process_count() == 1:
     data = open_data()
