@@ -134,7 +134,7 @@ def main(argv=None):
   args, sweep, given, config, devices, global_batch, (k, n) = parse_args(argv)
   from trainer import provenance
   from trainer.compare import report
-  from trainer.compare.sweep import SweepDir, run_all
+  from trainer.compare.sweep import Stopped, SweepDir, run_all
 
   out = SweepDir(Path(args.out))
   # the devices every run sees: fixed in the sweep's training flags, so a later command must match
@@ -162,7 +162,12 @@ def main(argv=None):
   env = dict(os.environ)
   if args.jobs > 1:  # GPU memory: each run preallocates its share, not 75% of it
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
-  failed = run_all(todo, train_flags, out, args.jobs, env)
+  try:
+    failed = run_all(todo, train_flags, out, args.jobs, env)
+  except Stopped:
+    again = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"stopped: the runs in progress saved their step; continue with: python compare.py {again}", file=sys.stderr)
+    sys.exit(0)
 
   with out.locked():  # the report of every finished run, whichever shard finishes last
     records, infos = out.records()

@@ -7,7 +7,11 @@ import argparse
 
 class ArgumentParser(argparse.ArgumentParser):
   """argparse's parser, but a usage error is one line: what is wrong, and where the help is
-  (not the whole usage text in front of it)."""
+  (not the whole usage text in front of it); flags are never abbreviated."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("allow_abbrev", False)  # --bn must not pass as --bn-momentum
+    super().__init__(*args, **kwargs)
 
   def error(self, message: str):
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -82,12 +82,15 @@ def verdicts(records: list[dict]) -> list[str]:
   ref_name = "synced BN" if reference == SYNC else f"the largest size run ({reference})"
   smallest = t.sizes[0]
   best = max(t.sizes, key=lambda n: mean[n])
-  # the smallest size from which every larger one is within the noise of the best
-  recovered = next(n for i, n in enumerate(t.sizes) if all(mean[m] >= mean[best] - noise for m in t.sizes[i:]))
+  # the smallest size from which every size up to the best is within the noise of the best
+  top = t.sizes.index(best)
+  recovered = next(
+    n for i, n in enumerate(t.sizes[: top + 1]) if all(mean[m] >= mean[best] - noise for m in t.sizes[i : top + 1])
+  )
   out = [
     f"**Small normalization batches hurt** — {_status(mean[reference] - mean[smallest], noise)}: "
-    f"{_at(mean)}; from {recovered} on every size is within {fixed(noise, 4)} (twice the median seed spread, at "
-    f"least {MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best})."
+    f"{_at(mean)}; from {recovered} up to {best} every size is within {fixed(noise, 4)} (twice the median seed "
+    f"spread, at least {MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best})."
   ]
   mid = [n for n in t.sizes if n != SYNC and n >= 16 and n != reference]
   if mid:

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from trainer import cli, provenance
-from trainer.compare.plan import PlanError, RunSpec
+from trainer.compare.plan import MODES, PlanError, RunSpec, order_key
 
 STATE = "compare.json"
 WHERE = ("data_dir", "input_workers")  # where the data is read from and how: may differ between commands
@@ -83,10 +84,12 @@ class SweepDir:
 
   def records(self) -> tuple[list[dict], list[dict]]:
     """The summary record and the run record (command, wall time, commit) of every finished run in DIR,
-    in the order they finished."""
+    by size, mode and seed."""
     from trainer.compare.report import record
 
     runs = [(name, info) for name, info in self.state()["runs"].items() if self.finished(name)]
+    modes = list(MODES)
+    runs.sort(key=lambda r: (order_key(r[1]["size"]), modes.index(r[1]["mode"]), r[1]["seed"]))
     summary = [record(i["size"], i["mode"], i["seed"], self.last_metrics(name)) for name, i in runs]
     return summary, [info for _, info in runs]
 
@@ -131,16 +134,40 @@ def run_all(specs: list[RunSpec], train_flags: dict, sweep: SweepDir, jobs: int,
       tqdm.write(line, file=sys.stdout)
       sys.stdout.flush()
 
+  children: set[subprocess.Popen] = set()
+  stopping = threading.Event()
+
+  def stop(signum, frame):  # SIGTERM/SIGINT: every running train.py saves its step; no new run starts
+    stopping.set()
+    with lock:
+      for child in children:
+        child.send_signal(signal.SIGTERM)
+
   def one(spec: RunSpec) -> None:
+    if stopping.is_set():
+      return
     argv = command(train_flags, spec, sweep)
     (sweep.runs / spec.name).mkdir(parents=True, exist_ok=True)
     say(f"start  {spec.name}: python {' '.join(argv)}")
     commit, start = provenance.commit(), time.time()
     with open(sweep.runs / spec.name / "train.log", "a") as log:
-      result = subprocess.run(
-        [sys.executable, str(TRAIN), *argv[1:], "--resume", "--no-progress"], stdout=log, stderr=log, env=env
+      child = subprocess.Popen(
+        [sys.executable, str(TRAIN), *argv[1:], "--resume", "--no-progress"],
+        stdout=log,
+        stderr=log,
+        env=env,
+        start_new_session=True,  # signals reach it through compare.py, once
       )
+      with lock:
+        children.add(child)
+      child.wait()
+      with lock:
+        children.discard(child)
+    result = child
     seconds = time.time() - start
+    if result.returncode == 0 and not sweep.finished(spec.name):  # stopped by a signal: it saved its step
+      say(f"stopped {spec.name} after {seconds / 60:.1f} min; it resumes when the command runs again")
+      return
     with lock:
       bar.update()
       ended.append(spec.name)
@@ -167,11 +194,25 @@ def run_all(specs: list[RunSpec], train_flags: dict, sweep: SweepDir, jobs: int,
     )
     say(f"done   {spec.name} in {seconds / 60:.1f} min ({count} runs{eta})")
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-    for future in [pool.submit(one, spec) for spec in specs]:
-      future.result()
-  bar.close()
+  previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+      futures = [pool.submit(one, spec) for spec in specs]
+      while not all(f.done() for f in futures):  # the main thread stays free to take signals
+        time.sleep(0.2)
+      for future in futures:
+        future.result()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+    bar.close()
+  if stopping.is_set():
+    raise Stopped
   return failed
+
+
+class Stopped(Exception):
+  """SIGTERM/SIGINT: the running train.py runs saved their step and stopped."""
 
 
 def _last_line(path: Path) -> str:
