@@ -65,15 +65,17 @@ train: data
 	$(PY) experiments/run.py --size default
 	$(PY) experiments/report.py --size default
 
-# Every experiment at full size -> reports/full/ (the committed report): 177 runs,
-# about 5 hours on 2 CPU cores. E4's runs go as two streams side by side (its
-# one-device runs and evaluations leave a core free: about 2.5 h instead of 3.5).
-# Finished runs are skipped, interrupted ones resume.
+# Every experiment at full size -> reports/full/ (the committed report): 187 runs,
+# about 5 hours on 2 CPU cores plus E4-long (about 4.5 hours). E4 and E4-long are
+# compare.py sweeps, each as two streams side by side (compare.py --shard 0/2 and
+# 1/2: their one-device runs and evaluations leave a core free). Finished runs are
+# skipped, interrupted ones resume.
 reproduce: data
 	$(PY) experiments/run.py --size full --only e1,e1_sweep,e2,e3
-	$(PY) experiments/run.py --size full --only e4 --shard 1/2 & stream=$$!; \
-	  $(PY) experiments/run.py --size full --only e4 --shard 0/2; status=$$?; \
-	  wait $$stream && exit $$status
+	for comparison in e4 e4_long; do \
+	  $(PY) experiments/run.py --size full --only $$comparison --shard 1/2 & stream=$$!; \
+	  $(PY) experiments/run.py --size full --only $$comparison --shard 0/2 || exit 1; \
+	  wait $$stream || exit 1; done
 	$(PY) experiments/report.py --size full
 
 # Re-draw the committed full report from its metrics files, no training.

@@ -51,21 +51,30 @@ E3_BATCHES = (2, 4, 8, 16, 32)
 E3_LR = 0.5
 STYLES = ("jit", "shard_map", "pmap")
 
-# E4: ResNet-20 on Fashion-MNIST at a global batch of 128; the normalization batch
-# swept. Sizes up to the per-device batch (16) run per device on 8 host devices
-# (smaller ones as groups of each device's batch); 32 and 64 as groups of the
-# global batch on one device; 128 is synced BN over the 8 devices.
-E4_STEPS = 600
-E4_GLOBAL_BATCH = 128
-E4_DEVICES = 8
-E4_SIZES = (2, 4, 8, 16, 32, 64, 128)
-E4_REPAIRS = (2, 4)  # where Batch Renorm and a FrozenBatchNorm final phase are tried
-E4_PRECISE_SAMPLES = 10_000  # PreciseBN's training samples (Wu & Johnson: 10^3-10^4 suffice)
-E4_FROZEN_SHARE = 5  # the FrozenBN phase: the last 1/5 of the steps
-# E4-long: E4 at 4x its length (its recipe's step schedule stretched over 2,400 steps).
-E4_LONG_STEPS = 4 * E4_STEPS
-E4_LONG_SIZES = (2, 8, 32, 128)
-E4_LONG_EVAL = 800
+# E4 and E4-long: per-device vs synced BN on ResNet-20, Fashion-MNIST, global batch 128 on 8 host
+# devices; compare.py with these settings (the one code path for such studies). Sizes up to the
+# per-device batch (16) run per device, 32 and 64 as groups on one device, sync over the 8 devices.
+E4_TRAINING = ("--model", "resnet20", "--dataset", "fashion_mnist", "--global-batch-size", "128", "--devices", "8")
+
+
+def _compare_flags(steps: int, eval_every: int, sizes: str, seeds: str, repairs: str, repair_sizes: str, samples: int):
+  return (
+    *E4_TRAINING,
+    *("--steps", str(steps), "--eval-every", str(eval_every), "--checkpoint-every", str(eval_every)),
+    *("--normalization-batch", sizes, "--seeds", seeds, "--repairs", repairs, "--repair-sizes", repair_sizes),
+    *("--population-samples", str(samples)),
+  )
+
+
+# size -> experiment -> compare.py's flags (experiments/run.py adds --out, --data-dir and --shard)
+COMPARISONS = {
+  "full": {
+    "e4": _compare_flags(600, 600, "2,4,8,16,32,64,sync", "0,1,2", "renorm,frozen", "2,4", 10_000),
+    # E4-long: 4x E4's length (its step schedule stretched over 2,400 steps)
+    "e4_long": _compare_flags(2400, 800, "2,8,32,sync", "0,1", "frozen", "2", 10_000),
+  },
+  "default": {"e4": _compare_flags(100, 100, "2,16,sync", "0", "frozen", "2", 1000)},
+}
 
 SIZES = {
   "full": dict(
@@ -84,12 +93,6 @@ SIZES = {
     e3_batches=E3_BATCHES,
     e3_styles=STYLES,
     population_batches=200,
-    e4_steps=E4_STEPS,
-    e4_seeds=(0, 1, 2),
-    e4_sizes=E4_SIZES,
-    e4_repairs=("Batch Renorm", "FrozenBN final phase"),
-    e4_precise=E4_PRECISE_SAMPLES,
-    e4_long_seeds=(0, 1),
   ),
   "default": dict(
     e1_steps=3000,
@@ -107,11 +110,6 @@ SIZES = {
     e3_batches=(2, 8, 32),
     e3_styles=("jit",),
     population_batches=50,
-    e4_steps=100,
-    e4_seeds=(0,),
-    e4_sizes=(2, 16),
-    e4_repairs=("FrozenBN final phase",),
-    e4_precise=1000,
   ),
 }
 
@@ -247,51 +245,4 @@ def runs(size: str) -> list[Run]:
               {"mode": mode, "style": style, "per_device_batch": batch, "seed": seed},
             )
           )
-  for seed in s["e4_seeds"]:
-    for size in s["e4_sizes"]:
-      plan.append(_e4_run(s["e4_steps"], seed, size, "BN", s["e4_precise"]))
-      for mode in s["e4_repairs"] if size in E4_REPAIRS else ():
-        plan.append(_e4_run(s["e4_steps"], seed, size, mode, s["e4_precise"]))
-  for seed in s.get("e4_long_seeds", ()):
-    for size in E4_LONG_SIZES:
-      plan.append(_e4_run(E4_LONG_STEPS, seed, size, "BN", s["e4_precise"], "e4_long", E4_LONG_EVAL))
-    plan.append(_e4_run(E4_LONG_STEPS, seed, 2, "FrozenBN final phase", s["e4_precise"], "e4_long", E4_LONG_EVAL))
   return plan
-
-
-def _e4_run(
-  steps: int, seed: int, size: int, mode: str, precise: int, experiment: str = "e4", eval_every: int | None = None
-) -> Run:
-  """One E4 run: normalization batch `size` of the global 128, evaluated four ways at the end."""
-  per_device = E4_GLOBAL_BATCH // E4_DEVICES
-  if size == E4_GLOBAL_BATCH:
-    placement = dict(bn="sync", devices=E4_DEVICES)
-  elif size <= per_device:
-    placement = dict(bn="per-device", devices=E4_DEVICES, **({"bn_group_size": size} if size < per_device else {}))
-  else:
-    placement = dict(bn="per-device", devices=1, bn_group_size=size)
-  extra: dict = {"eval_batch_stats": ""}
-  if mode == "Batch Renorm":
-    placement["bn"] = "renorm"
-  else:
-    extra.update(population_batches=max(1, precise // size), population_estimator="both")
-  if mode == "FrozenBN final phase":
-    extra["frozen_bn_steps"] = steps // E4_FROZEN_SHARE
-  slug = {"BN": "bn", "Batch Renorm": "renorm", "FrozenBN final phase": "frozen"}[mode]
-  args = _flags(
-    model="resnet20",
-    dataset="fashion_mnist",
-    global_batch_size=E4_GLOBAL_BATCH,
-    steps=steps,
-    eval_every=eval_every or steps,
-    checkpoint_every=eval_every or steps,
-    seed=seed,
-    **placement,
-    **extra,
-  )
-  return Run(
-    experiment,
-    f"{slug}-n{size}-seed{seed}",
-    tuple(a for a in args if a != ""),
-    {"mode": mode, "size": size, "seed": seed},
-  )

@@ -34,6 +34,7 @@ SECTIONS = (
   ("e2", e2, "E2 — paper Figure 3 at small scale (Inception-style net)", ("e2",)),
   ("e3", e3, "E3 — per-device vs synced BN on 8 devices, every parallel style", ("e3",)),
   ("e4", e4, "E4 — per-device vs synced BN on a convnet: the normalization batch swept", ("e4",)),
+  ("e4-long", None, "E4-long — E4 at four times its length (written with E4)", ("e4_long",)),
 )
 
 
@@ -52,8 +53,9 @@ def main(argv=None):
     sys.exit(f"report.py: {error}")
   headline, index = {}, [f"# Experiments ({args.size})\n"]
   for name, section, title, experiments in SECTIONS:
-    headline[name] = section.report(results, out, args.size)
-    if headline[name]:
+    if section is not None:
+      headline[name] = section.report(results, out, args.size)
+    if any(results.runs(e) for e in experiments):
       d = results.describe(*experiments)
       index.append(f"- [{title}]({name}.md): {d['runs']} runs, {fixed(d['wall_time_min'], 1)} min ({d['machine']})")
   (out / "headline.json").write_text(json.dumps(headline, indent=1) + "\n")

@@ -1,6 +1,10 @@
-"""Runs the experiments' train.py commands and collects their metrics.
+"""Runs the experiments' train.py commands and comparisons, and collects their metrics.
 
     python experiments/run.py --size {default,full} [--only e1,e3] [--match seed1] [--shard 0/2] [--runs runs]
+
+A comparison (E4, E4-long) is compare.py with its settings (experiments/plan.py COMPARISONS) and
+--out RUNS/SIZE/EXPERIMENT; its compare.json, summary.json and each run's metrics and config are
+copied to REPORTS/SIZE/data/EXPERIMENT/ (`--shard` is compare.py's; `--match` does not apply).
 
 Each run's output goes to RUNS/SIZE/EXPERIMENT/NAME; a finished run is skipped
 and an interrupted one resumes from its checkpoint, so the whole set can be
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments.plan import runs
+from experiments.plan import COMPARISONS, runs
 from trainer import cli, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +56,32 @@ def select(plan, only=None, match=None, shard=None) -> list:
   return plan[k::n]
 
 
+def compare(name: str, flags: tuple[str, ...], args) -> None:
+  """One comparison through compare.py, then its metrics (not its checkpoints) into the report's data."""
+  out = Path(args.runs) / args.size / name
+  command = [sys.executable, "compare.py", *flags, "--data-dir", args.data_dir, "--out", str(out)]
+  print(f"{name}: python {' '.join(command[1:])}", flush=True)
+  result = subprocess.run(command + (["--shard", args.shard] if args.shard else []), cwd=ROOT)
+  if result.returncode != 0:
+    sys.exit(f"{name} failed with exit code {result.returncode}")
+  publish(ROOT / out, ROOT / args.reports / args.size / "data" / name)
+
+
+def publish(sweep: Path, target: Path) -> None:
+  """compare.json, summary.json and runs/NAME/{metrics.jsonl, config.json} of a sweep directory."""
+  for path in [sweep / "compare.json", sweep / "summary.json", *sweep.glob("runs/*/metrics.jsonl")]:
+    files = [path] if path.parent == sweep else [path, path.with_name("config.json")]
+    for file in files:
+      if file.exists():
+        copy = target / file.relative_to(sweep)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, copy)
+
+
 def main(argv=None):
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=["default", "full"], default="default")
-  parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3,e4)")
+  parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3,e4,e4_long)")
   parser.add_argument("--match", help="only the runs whose name contains this (e.g. seed1)")
   parser.add_argument("--shard", help="K/N: every N-th run from the K-th (0-based), for N run.py side by side")
   parser.add_argument("--runs", default="runs")
@@ -65,6 +91,9 @@ def main(argv=None):
   only = set(args.only.split(",")) if args.only else None
   data_root = ROOT / args.reports / args.size / "data"
 
+  for name, flags in COMPARISONS[args.size].items():
+    if only is None or name in only:
+      compare(name, flags, args)
   plan = select(runs(args.size), only, args.match, args.shard)
   for i, run in enumerate(plan, 1):
     commit = provenance.commit()  # per run: the tree may move on while a long set runs

@@ -99,7 +99,7 @@ def test_verdicts_from_hand_made_records():
   assert "— holds at 2: pooled PreciseBN minus EMA 0.0200 at 2, 0.0000 at 16" in text[2]
   assert "Pooled minus the paper's estimator: 0.0100 at 2" in text[2]
   assert "— holds at 2: test-batch statistics minus EMA 0.0400 at 2, -0.0200 at 16" in text[3]
-  assert "at 2: helps (0.7550 vs BN's 0.7050, 0.0500); synced BN: 0.8150" in text[4]
+  assert "— helps at 2: at 2: 0.7550 vs BN's 0.7050 (0.0500); synced BN: 0.8150" in text[4]
   table = report.accuracy_table(records)
   assert "| BN, sync | 0.8150 ± 0.0050 | 0.8150 ± 0.0050 | 0.8150 ± 0.0050 | 0.8050 ± 0.0050 |" in table
   assert "| FrozenBN final phase, 2 | 0.7550 ± 0.0050 |" in table

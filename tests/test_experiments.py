@@ -3,14 +3,14 @@
 import pytest
 
 import train
-from experiments.plan import E1_SETTINGS, E3_BATCHES, E3_MODES, SIZES, STYLES, runs
+from experiments.plan import COMPARISONS, E1_SETTINGS, E3_BATCHES, E3_MODES, SIZES, STYLES, runs
 from experiments.run import select
 
 
 @pytest.mark.parametrize("size", ["default", "full"])
 def test_every_planned_run_parses(size):
   plan = runs(size)
-  assert {r.experiment for r in plan} == {"e1", "e1_sweep", "e2", "e3", "e4"}
+  assert {r.experiment for r in plan} == {"e1", "e1_sweep", "e2", "e3"}
   names = [(r.experiment, r.name) for r in plan]
   assert len(names) == len(set(names))  # each run has its own output directory
   for run in plan:
@@ -19,6 +19,11 @@ def test_every_planned_run_parses(size):
   e3 = [r for r in plan if r.experiment == "e3"]
   assert {r.labels["per_device_batch"] for r in e3} == set(SIZES[size]["e3_batches"])
   assert {r.labels["setting"] for r in plan if r.experiment == "e1"} == {s.name for s in E1_SETTINGS}
+  import compare
+
+  assert "e4" in COMPARISONS[size]
+  for flags in COMPARISONS[size].values():  # every comparison is a valid compare.py command line
+    compare.parse_args([*flags, "--out", "unused"])
 
 
 def test_the_full_plan_is_what_issue_12_asks_for():
@@ -38,41 +43,32 @@ def test_the_full_plan_is_what_issue_12_asks_for():
   assert all("--population-batches" in r.args for r in per_device)
 
 
-def test_the_full_e4_plan_is_what_issue_20_asks_for():
-  """ResNet-20, global batch 128, the normalization batch 2..128 with 3 seeds; the size
-  equal to the per-device batch as per-device BN on 8 devices; four evaluations; Batch
-  Renorm and a FrozenBN final phase at the two smallest sizes."""
-  e4 = [r for r in runs("full") if r.experiment == "e4"]
-  configs = {r.name: (r, train.parse_args([*r.args, "--out", "unused"])[0]) for r in e4}
-  assert {r.labels["size"] for r in e4} == {2, 4, 8, 16, 32, 64, 128}
-  for run, config in configs.values():
-    assert (config.model, config.dataset, config.global_batch_size) == ("resnet20", "fashion_mnist", 128)
-    devices = config.devices
-    size = config.bn_group_size or (128 if config.bn == "sync" else 128 // devices)
-    assert size == run.labels["size"], run.name
-    assert config.eval_batch_stats
-    if run.labels["mode"] != "Batch Renorm":
-      assert config.population_estimator == "both" and config.population_batches * size >= 9_000
-  for mode in ("BN", "Batch Renorm", "FrozenBN final phase"):
-    seeds = {(r.labels["size"], r.labels["seed"]) for r in e4 if r.labels["mode"] == mode}
-    sizes = {2, 4, 8, 16, 32, 64, 128} if mode == "BN" else {2, 4}
-    assert seeds == {(n, s) for n in sizes for s in (0, 1, 2)}, mode
-  per_device = configs["bn-n16-seed0"][1]
-  assert (per_device.bn, per_device.devices, per_device.bn_group_size) == ("per-device", 8, None)
-  frozen = configs["frozen-n2-seed0"][1]
-  assert 0.1 * frozen.steps <= frozen.frozen_bn_steps <= 0.2 * frozen.steps
+@pytest.mark.parametrize("name", ["e4", "e4_long"])
+def test_e4_and_e4_long_are_compare_py_with_the_settings_the_issues_ask_for(name):
+  """ResNet-20 on Fashion-MNIST, global batch 128 on 8 devices; E4: the normalization batch 2..64 and
+  synced, 3 seeds, Batch Renorm and a FrozenBN final phase at 2 and 4 (issue 20); E4-long: 2, 8, 32 and
+  synced, 2 seeds, 4x the steps, a FrozenBN final phase at 2 (issue 25). Four evaluations each."""
+  import compare
+  from trainer.compare.sweep import as_argv
 
-
-def test_shards_of_the_e4_plan_split_it_into_disjoint_halves_that_pair_one_device_runs():
-  e4 = select(runs("full"), only={"e4"})
-  halves = [select(runs("full"), only={"e4"}, shard=f"{k}/2") for k in (0, 1)]
-  names = [[r.name for r in half] for half in halves]
-  assert sorted(names[0] + names[1]) == sorted(r.name for r in e4) and not set(names[0]) & set(names[1])
-  assert abs(len(names[0]) - len(names[1])) <= 1
-  # the one-device runs (32 and 64 of a seed) are neighbours in the plan: one in each stream
-  for seed in (0, 1, 2):
-    assert [f"bn-n32-seed{seed}" in n for n in names] != [f"bn-n64-seed{seed}" in n for n in names]
-  assert [r.name for r in select(runs("full"), only={"e4"}, match="seed1")] == [r.name for r in e4 if "seed1" in r.name]
+  _, sweep, given, config, devices, global_batch, _ = compare.parse_args([*COMPARISONS["full"][name], "--out", "x"])
+  assert (config.model, config.dataset, global_batch, devices) == ("resnet20", "fashion_mnist", 128, 8)
+  specs = sweep.runs(global_batch, devices, config.steps)
+  if name == "e4":
+    assert config.steps == 600 and sweep.sizes == [2, 4, 8, 16, 32, 64, "sync"] and sweep.seeds == [0, 1, 2]
+    assert sweep.repairs == ["renorm", "frozen"] and sweep.repair_sizes == [2, 4] and len(specs) == 33
+  else:
+    assert config.steps == 4 * 600 and sweep.sizes == [2, 8, 32, "sync"] and sweep.seeds == [0, 1]
+    assert sweep.repairs == ["frozen"] and sweep.repair_sizes == [2] and len(specs) == 10
+  for spec in specs:
+    run_config = train.parse_args([*as_argv({**given, "devices": devices, **spec.flags}), "--out", "unused"])[0]
+    normalized = run_config.bn_group_size or (128 if run_config.bn == "sync" else 128 // run_config.devices)
+    assert normalized == (128 if spec.size == "sync" else spec.size), spec.name
+    assert run_config.eval_batch_stats
+    if spec.mode != "Batch Renorm":
+      assert run_config.population_estimator == "both" and run_config.population_batches * normalized >= 9_000
+    if spec.mode == "FrozenBN final phase":
+      assert run_config.frozen_bn_steps == run_config.steps // 5
 
 
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/2"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.reporting import e1, e4
+from experiments.reporting import e1
 from experiments.reporting.results import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,35 +45,6 @@ def test_median_spread_starts_at_step_1000():
   assert e1.median_spread(run) == 1.5
 
 
-def _e4_index(ema, pooled, seeds=(0, 1), mode="BN"):
-  """Hand-made E4 runs: per size, the final EMA and pooled-PreciseBN accuracies of each seed."""
-  index = {}
-  for size, accuracies in ema.items():
-    for seed, a in zip(seeds, accuracies, strict=True):
-      last = {"step": 600, "test_accuracy": a, "test_accuracy_population_pooled": pooled[size][seed]}
-      last |= {"test_accuracy_population": a, "test_accuracy_batch_stats": a - 0.01}
-      info = {"labels": {"mode": mode, "size": size, "seed": seed}}
-      index[mode, size, seed] = Run("x", info, [last], {"global_batch_size": 128})
-  return index
-
-
-def test_e4_verdicts_find_where_small_batches_stop_hurting_and_compare_with_synced_bn():
-  sizes = (2, 4, 8, 16, 32, 64, 128)
-  ema = {2: (0.70, 0.72), 4: (0.78, 0.78), 8: (0.805, 0.805), 16: (0.82, 0.82), 32: (0.825, 0.805)}
-  ema |= {64: (0.82, 0.82), 128: (0.81, 0.812)}
-  # PreciseBN 0.01 ahead at 2 only; elsewhere the EMA's values
-  pooled = {n: (a[0] + 0.01 * (n == 2), a[1] + 0.01 * (n == 2)) for n, a in ema.items()}
-  lines = e4.verdicts(_e4_index(ema, pooled), sizes, (0, 1))
-  # the median half-range is 0 (five sizes of seven agree), so the noise is the 0.005 floor;
-  # 8 (0.805) is 0.015 below the best (0.82 at 16 and at 64: the first counts)
-  assert "yes, below 16:" in lines[0] and "of the best (0.8200 at 16)" in lines[0]
-  assert "(0.8200 at 16) beats synced BN over all 128 (0.8110; difference 0.0090)" in lines[1]
-  assert "ahead by more than 0.0050 at 2, behind by more at none" in lines[2]
-  # seed noise at 32, 64, 128: half-ranges 0.01, 0, 0.001 -> 0.0037 with both evaluations
-  assert "averages 0.0037 with EMA, 0.0037 with pooled PreciseBN" in lines[2]
-  assert "minus EMA: -0.0100 at 2" in lines[3]
-
-
 @pytest.mark.skipif(not (ROOT / "reports" / "full" / "data").is_dir(), reason="no committed report metrics")
 def test_the_committed_report_redraws_from_its_metrics(tmp_path):
   result = subprocess.run(
@@ -83,13 +54,14 @@ def test_the_committed_report_redraws_from_its_metrics(tmp_path):
     text=True,
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  for page in ("e1.md", "e2.md", "e3.md", "e4.md"):
+  pages = ["e1.md", "e2.md", "e3.md", "e4.md"] + (["e4-long.md"] if (tmp_path / "e4-long.md").exists() else [])
+  for page in pages:
     text = (tmp_path / page).read_text()
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
       assert (tmp_path / image).is_file(), (page, image)
       assert (ROOT / "reports" / "full" / image).is_file(), f"reports/full/{image} is not committed"
   # the committed pages are what the metrics give now (figures aside: PNG bytes vary)
-  for page in ("e1.md", "e2.md", "e3.md", "e4.md", "headline.json"):
+  for page in [*pages, "headline.json", "README.md"]:
     assert (tmp_path / page).read_text() == (ROOT / "reports" / "full" / page).read_text(), page
   headline = json.loads((tmp_path / "headline.json").read_text())
   assert len(headline["e1"]["settings"]) >= 4

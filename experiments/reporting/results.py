@@ -52,17 +52,33 @@ class Results:
       )
 
   def _meta(self, experiment: str) -> dict:
+    """runs.json of experiments/run.py, or compare.json of a compare.py sweep (E4, E4-long)."""
     path = self.root / "data" / experiment / "runs.json"
+    sweep = self.root / "data" / experiment / "compare.json"
+    if sweep.exists():
+      state = json.loads(sweep.read_text())
+      runs = {n: {**i, "labels": {k: i[k] for k in ("size", "mode", "seed")}} for n, i in state["runs"].items()}
+      return {"runs": runs, "machine": state.get("machine", "?"), "size": self.root.name}
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+  def _metrics_path(self, experiment: str, name: str) -> Path:
+    flat = self.root / "data" / experiment / f"{name}.jsonl"
+    return flat if flat.exists() else self.root / "data" / experiment / "runs" / name / "metrics.jsonl"
 
   def runs(self, experiment: str) -> list[Run]:
     """The experiment's finished runs, in the order they ran (the plan's)."""
     out = []
     for name, info in self._meta(experiment)["runs"].items():
-      path = self.root / "data" / experiment / f"{name}.jsonl"
+      path = self._metrics_path(experiment, name)
       if path.exists():
         metrics = [json.loads(line) for line in path.read_text().splitlines() if line]
-        config = json.loads(path.with_suffix(".json").read_text())
+        config = json.loads(
+          (
+            path.with_suffix(".json")
+            if path.suffix == ".jsonl" and path.name != "metrics.jsonl"
+            else path.with_name("config.json")
+          ).read_text()
+        )
         out.append(Run(name, info, metrics, config))
     return out
 

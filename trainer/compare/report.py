@@ -73,6 +73,11 @@ def _at(values: dict) -> str:
 
 def verdicts(records: list[dict]) -> list[str]:
   """A verdict per claim of the literature, computed from the numbers (EMA unless said)."""
+  return [f"**{claim}** — {status}: {detail}" for claim, status, detail in claims(records)]
+
+
+def claims(records: list[dict]) -> list[tuple[str, str, str]]:
+  """(claim, holds / does not hold / within the seed noise [at sizes], the numbers) per claim."""
   t = Table(records)
   if not t.sizes:
     return []
@@ -88,9 +93,12 @@ def verdicts(records: list[dict]) -> list[str]:
     n for i, n in enumerate(t.sizes[: top + 1]) if all(mean[m] >= mean[best] - noise for m in t.sizes[i : top + 1])
   )
   out = [
-    f"**Small normalization batches hurt** — {_status(mean[reference] - mean[smallest], noise)}: "
-    f"{_at(mean)}; from {recovered} up to {best} every size is within {fixed(noise, 4)} (twice the median seed "
-    f"spread, at least {MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best})."
+    (
+      "Small normalization batches hurt",
+      _status(mean[reference] - mean[smallest], noise),
+      f"{_at(mean)}; from {recovered} up to {best} every size is within {fixed(noise, 4)} (twice the median seed "
+      f"spread, at least {MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best}).",
+    )
   ]
   mid = [n for n in t.sizes if n != SYNC and n >= 16 and n != reference]
   if mid:
@@ -99,9 +107,12 @@ def verdicts(records: list[dict]) -> list[str]:
     word = "beats" if diff > noise else ("matches" if diff >= -noise else "is below")
     status = "holds" if diff >= -noise else "does not hold"
     out.append(
-      f"**A mid-size normalization batch matches or beats synced BN** (Page, Composer) — {status}: the best of "
-      f"{', '.join(map(str, mid))} ({fixed(mean[top], 4)} at {top}) {word} {ref_name} "
-      f"({fixed(mean[reference], 4)}; difference {fixed(diff, 4)})."
+      (
+        "A mid-size normalization batch matches or beats synced BN (Page, Composer)",
+        status,
+        f"the best of {', '.join(map(str, mid))} ({fixed(mean[top], 4)} at {top}) {word} {ref_name} "
+        f"({fixed(mean[reference], 4)}; difference {fixed(diff, 4)}).",
+      )
     )
   pooled = {n: t.mean("BN", n, "precise_pooled") for n in t.sizes}
   paper = {n: t.mean("BN", n, "precise_paper") for n in t.sizes}
@@ -110,17 +121,33 @@ def verdicts(records: list[dict]) -> list[str]:
     ahead = [n for n, g in gains.items() if g > noise]
     behind = [n for n, g in gains.items() if g < -noise]
     status = "holds at " + ", ".join(map(str, ahead)) if ahead else ("does not hold" if behind else "within the noise")
+    large = [n for n in gains if (n == SYNC or n >= 32) and len([v for v in t.values("BN", n) if v is not None]) > 1]
+    spread = (
+      f" EMA noisy at large normalization batches: half the seed range at {', '.join(map(str, large))} averages "
+      f"{fixed(known_mean([half_range(t.values('BN', n)) for n in large]), 4)} with EMA, "
+      f"{fixed(known_mean([half_range(t.values('BN', n, 'precise_pooled')) for n in large]), 4)} with pooled "
+      "PreciseBN."
+      if large
+      else ""
+    )
     out.append(
-      f"**PreciseBN beats the running averages** (Wu & Johnson) — {status}: pooled PreciseBN minus EMA "
-      f"{_at(gains)}. Pooled minus the paper's estimator: {_at({n: pooled[n] - paper[n] for n in gains})}."
+      (
+        "PreciseBN beats the running averages (Wu & Johnson)",
+        status,
+        f"pooled PreciseBN minus EMA {_at(gains)}. Pooled minus the paper's estimator: "
+        f"{_at({n: pooled[n] - paper[n] for n in gains})}.{spread}",
+      )
     )
   batch = {n: t.mean("BN", n, "batch_stats") - mean[n] for n in t.sizes}
   batch = {n: d for n, d in batch.items() if not math.isnan(d)}
   if batch:
     out.append(
-      "**Train–test inconsistency at small batches** (Wu & Johnson: at a small normalization batch, the test "
-      f"batch's own statistics beat the running averages) — {_status(batch[smallest], noise)} at {smallest}: "
-      f"test-batch statistics minus EMA {_at(batch)}."
+      (
+        "Train–test inconsistency at small batches (Wu & Johnson: at a small normalization batch, the test "
+        "batch's own statistics beat the running averages)",
+        f"{_status(batch[smallest], noise)} at {smallest}",
+        f"test-batch statistics minus EMA {_at(batch)}.",
+      )
     )
   for mode in REPAIR_MARKERS:
     there = t.sizes_of(mode)
@@ -128,12 +155,14 @@ def verdicts(records: list[dict]) -> list[str]:
       diffs = {n: t.mean(mode, n) - mean[n] for n in there}
       statuses = {n: _status(d, noise, "helps", "hurts") for n, d in diffs.items()}
       out.append(
-        f"**{mode} repairs small batches** — "
-        + "; ".join(
-          f"at {n}: {statuses[n]} ({fixed(t.mean(mode, n), 4)} vs BN's {fixed(mean[n], 4)}, {fixed(diffs[n], 4)})"
-          for n in there
+        (
+          f"{mode} repairs small batches",
+          ", ".join(f"{statuses[n]} at {n}" for n in there),
+          "; ".join(
+            f"at {n}: {fixed(t.mean(mode, n), 4)} vs BN's {fixed(mean[n], 4)} ({fixed(diffs[n], 4)})" for n in there
+          )
+          + f"; {ref_name}: {fixed(mean[reference], 4)}.",
         )
-        + f"; {ref_name}: {fixed(mean[reference], 4)}."
       )
   return out
 
@@ -232,3 +261,10 @@ def write(out: Path, records: list[dict], flags: dict, about: dict) -> None:
     "the paper's estimator), and with each test batch's own statistics at the training normalization batch.\n\n"
   )
   (out / "report.md").write_text(text + body(records, "accuracy.png"))
+
+
+def side_by_side(columns: dict[str, list[dict]]) -> str:
+  """A table of each claim's verdict in several comparisons (e.g. two training lengths)."""
+  verdict = {label: {claim: status for claim, status, _ in claims(records)} for label, records in columns.items()}
+  names = list(dict.fromkeys(claim for v in verdict.values() for claim in v))
+  return table(["claim", *columns], [[name, *[v.get(name, "–") for v in verdict.values()]] for name in names])
