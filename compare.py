@@ -134,7 +134,7 @@ def main(argv=None):
   args, sweep, given, config, devices, global_batch, (k, n) = parse_args(argv)
   from trainer import provenance
   from trainer.compare import report
-  from trainer.compare.sweep import Stopped, SweepDir, run_all
+  from trainer.compare.sweep import Stopped, SweepDir, adopted, run_all
 
   out = SweepDir(Path(args.out))
   # the devices every run sees: fixed in the sweep's training flags, so a later command must match
@@ -158,6 +158,10 @@ def main(argv=None):
     print(f"  normalization batch {size}: {where}")
   mine = specs[k::n]
   todo = [s for s in mine if not out.finished(s.name)]
+  known = out.state()["runs"]
+  for spec in mine:  # finished before DIR had a record of it (e.g. trained by train.py itself): adopt it
+    if spec not in todo and spec.name not in known:
+      out.record(spec.name, adopted(spec, train_flags, out))
   print(f"{len(mine) - len(todo)} of this process's {len(mine)} runs finished already; training {len(todo)}")
   env = dict(os.environ)
   if args.jobs > 1:  # GPU memory: each run preallocates its share, not 75% of it

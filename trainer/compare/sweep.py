@@ -118,6 +118,18 @@ def command(train_flags: dict, spec: RunSpec, sweep: SweepDir) -> list[str]:
   return ["train.py", *as_argv({**train_flags, **spec.flags}), "--out", str(sweep.runs / spec.name)]
 
 
+def adopted(spec: RunSpec, train_flags: dict, sweep: SweepDir) -> dict:
+  """The record of a run that finished outside this sweep's bookkeeping (its wall time from its metrics)."""
+  return {
+    "command": "python " + " ".join(command(train_flags, spec, sweep)),
+    "wall_time_s": round(sweep.last_metrics(spec.name).get("wall_time", 0.0), 1),
+    "commit": "?",
+    "size": spec.size,
+    "mode": spec.mode,
+    "seed": spec.seed,
+  }
+
+
 def run_all(specs: list[RunSpec], train_flags: dict, sweep: SweepDir, jobs: int, env: dict) -> list[str]:
   """Trains `specs` (jobs at a time), a line per run started and finished and an estimate of the
   time left; returns the names of the runs that failed (their log: DIR/runs/NAME/train.log)."""
