@@ -26,8 +26,7 @@ NOT_FLAGS = ("resume", "progress")
 
 
 def _as_flag(name: str, value) -> str:
-  flag = "--" + name.replace("_", "-")
-  return flag if value is True else f"{flag} {value}"
+  return cli.flag(name) if value is True else f"{cli.flag(name)} {value}"
 
 
 def _recipes() -> str:
@@ -54,7 +53,7 @@ def add_config_flags(parser, skip=()) -> None:
   for field in dataclasses.fields(Config):
     if field.name in NOT_FLAGS or field.name in skip:
       continue
-    flag = "--" + field.name.replace("_", "-")
+    flag = cli.flag(field.name)
     help = field.metadata["help"] + _default(field)
     choices = field.metadata.get("choices")
     if field.type in ("bool", "bool | None"):
@@ -134,7 +133,7 @@ def parse_args(argv=None):
     parser.error(f"--process-id: expected 0..{args.num_processes - 1}, got {args.process_id}")
   for flag in ("connect_timeout", "peer_timeout"):
     if getattr(args, flag) < 1:
-      parser.error(f"--{flag.replace('_', '-')}: expected a positive number of seconds, got {getattr(args, flag)}")
+      parser.error(f"{cli.flag(flag)}: expected a positive number of seconds, got {getattr(args, flag)}")
   return config, args, parser
 
 
@@ -194,17 +193,13 @@ def main(argv=None):
     # Several processes: most often a collective failed because another process died.
     _exit_if_a_peer_is_gone(error, args.peer_timeout)
     distributed.peer_lost(
-      f"error: process {jax.process_index()}: a collective failed, another process died? ({_first_line(error)}); "
-      "exiting."
+      f"error: process {jax.process_index()}: a collective failed, another process died? "
+      f"({cli.first_line(error, 160)}); exiting."
     )
   print(
     f"step {last['step']}: test accuracy {last['test_accuracy']:.4f}, "
     f"test loss {last['test_loss']:.4f} (wall time {last['wall_time']:.1f} s)"
   )
-
-
-def _first_line(error: Exception) -> str:
-  return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
 
 
 def _exit_if_a_peer_is_gone(error: Exception, peer_timeout: int) -> None:
@@ -217,7 +212,8 @@ def _exit_if_a_peer_is_gone(error: Exception, peer_timeout: int) -> None:
     import jax
 
     distributed.peer_lost(
-      f"error: process {jax.process_index()}: process {', '.join(gone)} is gone ({_first_line(error)}); exiting."
+      f"error: process {jax.process_index()}: process {', '.join(gone)} is gone "
+      f"({cli.first_line(error, 160)}); exiting."
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from trainer import cli
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -139,7 +141,7 @@ E3_MODES = (
 def _flags(**kw) -> tuple[str, ...]:
   out = []
   for key, value in kw.items():
-    out += [f"--{key.replace('_', '-')}", str(value)]
+    out += [cli.flag(key), str(value)]
   return tuple(out)
 
 

@@ -119,3 +119,10 @@ def check_axis_name(axis_name) -> None:
         f"jax.shard_map over a mesh with an axis named {name!r}; or pass "
         f"axis_name=None for per-device statistics."
       ) from None
+
+
+def choose(name: str, value, options: dict):
+  """options[value], or a ValueError naming `name` and what it may be."""
+  if value not in options:
+    raise ValueError(f"{name}: expected one of {', '.join(options)}, got {value!r}.")
+  return options[value]

@@ -18,6 +18,7 @@ import dataclasses
 
 from flax import linen as nn
 
+from jaxbn import checks
 from jaxbn.linen import BatchNorm, BatchRenorm, FrozenBatchNorm, normalize_with
 
 __all__ = ["KINDS", "swap_batch_norm"]
@@ -29,9 +30,7 @@ _NOT_FIELDS = ("parent", "name")
 
 def fields_of(kind: str, overrides: dict) -> tuple[type[BatchNorm], tuple[str, ...]]:
   """The class of `kind` and its fields; ValueError naming a bad kind or field."""
-  if kind not in KINDS:
-    raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}.")
-  cls = KINDS[kind]
+  cls = checks.choose("kind", kind, KINDS)
   names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in _NOT_FIELDS)
   unknown = sorted(set(overrides) - set(names))
   if unknown:

@@ -20,3 +20,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def flag(name: str) -> str:
   """The command-line spelling of a Config field: global_batch_size -> --global-batch-size."""
   return "--" + name.replace("_", "-")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """`Type: the first line of the message`, cut to `limit` characters: what a one-line error quotes."""
+  text = (str(error).strip().splitlines() or [""])[0][:limit]
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__

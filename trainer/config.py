@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
+from trainer import cli
 from trainer.bn_modes import BN_MODES
 from trainer.models import ACTIVATIONS, MODELS
 
@@ -261,12 +262,12 @@ class Config:
         continue
       mine, theirs = getattr(self, field.name), getattr(other, field.name)
       if mine != theirs:
-        diffs.append(f"--{field.name.replace('_', '-')} {mine} (the run has {theirs})")
+        diffs.append(f"{cli.flag(field.name)} {mine} (the run has {theirs})")
     return diffs
 
 
 def _fail(name: str, message: str):
-  raise ConfigError(f"--{name.replace('_', '-')}: {message}")
+  raise ConfigError(f"{cli.flag(name)}: {message}")
 
 
 def _positive_int(name: str, value, zero: bool = False):

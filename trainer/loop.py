@@ -14,8 +14,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from trainer import cli, rundir, steps
 from trainer import data as data_lib
-from trainer import rundir, steps
 from trainer.bn_modes import BN_MODES
 from trainer.config import Config
 from trainer.distributed import setup_devices
@@ -210,11 +210,10 @@ def _save(checkpoints, step: int, state, out: Path) -> None:
   try:
     checkpoints.save(step, args=ocp.args.StandardSave(state))
   except Exception as error:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     kept = checkpoints.latest_step()
     raise CheckpointError(
       f"step {step}: the checkpoint could not be saved under {out / 'checkpoints'} "
-      f"({type(error).__name__}: {reason}); "
+      f"({cli.first_line(error)}); "
       f"{'the checkpoint of step ' + str(kept) + ' is kept' if kept else 'no earlier checkpoint exists'}."
       f" Free space or fix permissions, then run again with --resume."
     ) from error

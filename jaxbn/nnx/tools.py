@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxbn import checks
 from jaxbn.nnx.layers import _RECORDER, BatchNorm, BatchRenorm, FrozenBatchNorm
 from jaxbn.statistics import PopulationEstimate
 
@@ -50,9 +51,7 @@ def swap_batch_norm(model, kind: str = "batch_norm", *, skip_frozen: bool = Fals
   `batch_groups`). `skip_frozen`: leave FrozenBatchNorm layers as they are.
   Returns `model`.
   """
-  if kind not in KINDS:
-    raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}.")
-  cls = KINDS[kind]
+  cls = checks.choose("kind", kind, KINDS)
   names = _arguments(cls)
   unknown = sorted(set(fields) - set(names))
   if unknown:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from trainer import cli
 from trainer.augment import as_hwc, read
 from trainer.data import folder, idx
 from trainer.data.errors import DatasetError, DatasetNotFoundError, reachable
@@ -171,10 +172,7 @@ def _prepare(builder, label: str) -> None:
       f"prepared array_record files under {builder.data_dir} without it."
     ) from None
   except Exception as error:  # manual downloads missing, corrupt archives, ...
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    raise DatasetError(
-      f"{label}: could not be prepared under {builder.data_dir} ({type(error).__name__}: {reason})."
-    ) from None
+    raise DatasetError(f"{label}: could not be prepared under {builder.data_dir} ({cli.first_line(error)}).") from None
 
 
 @contextlib.contextmanager
