@@ -13,7 +13,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(PYENV_ROOT)/versions/$(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -V | tail -n 1)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast test-newest lint docs data train reproduce report bench bench-device
+.PHONY: env test test-fast test-newest lint docs data train reproduce report bench bench-device compare-device
 
 env: $(STAMP)
 
@@ -105,3 +105,12 @@ bench: data
 DEVICE_PYTHON ?= $(PY)
 bench-device:
 	$(DEVICE_PYTHON) benchmarks/device.py
+
+# On a machine with one accelerator: E4 at 30 epochs (all seven normalization
+# batches, 2 seeds, four runs at once on the device, bfloat16) -> reports/device/
+# (e4.md, accuracy.png, data/). It needs the training stack in DEVICE_PYTHON's
+# environment and Fashion-MNIST prepared under data/ (carry it there).
+compare-device:
+	$(DEVICE_PYTHON) experiments/run.py --size device --only e4
+	cp runs/device/e4/report.md reports/device/e4.md
+	cp runs/device/e4/accuracy.png reports/device/accuracy.png

@@ -76,6 +76,14 @@ COMPARISONS = {
     "e4_long": _compare_flags(2400, 800, "2,8,32,sync", "0,1", "frozen", "2", 10_000),
   },
   "default": {"e4": _compare_flags(100, 100, "2,16,sync", "0", "frozen", "2", 1000)},
+  # make compare-device: E4 at 30 epochs (30 x 60,000 / 128 steps) on one accelerator, all seven sizes (as
+  # groups of the one device's batch, `--devices 1` given last), 2 seeds, four runs at once, bfloat16
+  "device": {
+    "e4": (
+      *_compare_flags(14_100, 14_100, "2,4,8,16,32,64,sync", "0,1", "", "", 10_000),
+      *("--devices", "1", "--jobs", "4", "--dtype", "bfloat16"),
+    )
+  },
 }
 
 SIZES = {
@@ -150,6 +158,8 @@ def _arm(bn: str) -> str:
 
 
 def runs(size: str) -> list[Run]:
+  if size not in SIZES:  # a size of comparisons only (device)
+    return []
   s = SIZES[size]
   plan = []
   for setting in E1_SETTINGS:
