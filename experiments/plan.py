@@ -63,7 +63,8 @@ def _compare_flags(steps: int, eval_every: int, sizes: str, seeds: str, repairs:
   return (
     *E4_TRAINING,
     *("--steps", str(steps), "--eval-every", str(eval_every), "--checkpoint-every", str(eval_every)),
-    *("--normalization-batch", sizes, "--seeds", seeds, "--repairs", repairs, "--repair-sizes", repair_sizes),
+    *("--normalization-batch", sizes, "--seeds", seeds),
+    *(("--repairs", repairs, "--repair-sizes", repair_sizes) if repairs else ()),
     *("--population-samples", str(samples)),
   )
 
