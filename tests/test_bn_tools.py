@@ -78,11 +78,22 @@ def test_frozen_batch_norm_has_bn_variables_and_normalizes_with_them():
 def test_frozen_affine_gets_a_gradient_only_when_asked(train_affine):
   x = jax.random.normal(jax.random.key(0), (10, 4))
   layer = jaxbn.FrozenBatchNorm(train_affine=train_affine)
-  variables = layer.init(jax.random.key(1), x)
-  grads = jax.grad(lambda p: jnp.sum(layer.apply({**variables, "params": p}, x) ** 2))(variables["params"])
-  assert all(bool(jnp.any(g != 0)) == train_affine for g in jax.tree.leaves(grads))
-  dx = jax.grad(lambda x: jnp.sum(layer.apply(variables, x) ** 2))(x)
-  np.testing.assert_allclose(dx, 2 * layer.apply(variables, x) / np.sqrt(1.0), rtol=1e-5)  # an affine map's
+  # non-trivial statistics and affine: y = scale * (x - mean) / sqrt(var + eps) + bias, all fixed
+  stats = {"mean": jnp.asarray([0.5, -1.0, 2.0, 0.0]), "var": jnp.asarray([1.0, 4.0, 0.25, 2.0])}
+  params = {"scale": jnp.asarray([1.5, 2.0, 0.5, -1.0]), "bias": jnp.asarray([0.1, 0.2, 0.3, 0.4])}
+  variables = {"params": params, "batch_stats": stats}
+  grads = jax.grad(lambda p: jnp.sum(layer.apply({**variables, "params": p}, x) ** 2))(params)
+  y = np.asarray(layer.apply(variables, x), np.float64)
+  inv = 1 / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-5)
+  xhat = (np.asarray(x, np.float64) - np.asarray(stats["mean"])) * inv
+  np.testing.assert_allclose(y, np.asarray(params["scale"]) * xhat + np.asarray(params["bias"]), rtol=1e-5, atol=1e-6)
+  if train_affine:  # d/dscale sum(y^2) = sum 2 y xhat, d/dbias = sum 2 y
+    np.testing.assert_allclose(grads["scale"], (2 * y * xhat).sum(0), rtol=1e-5)
+    np.testing.assert_allclose(grads["bias"], (2 * y).sum(0), rtol=1e-5)
+  else:
+    assert all(not bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+  dx = jax.grad(lambda x: jnp.sum(layer.apply(variables, x) ** 2))(x)  # through the fixed statistics
+  np.testing.assert_allclose(dx, 2 * y * np.asarray(params["scale"]) * inv, rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_folds_into_the_layer_before():

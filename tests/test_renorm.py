@@ -124,7 +124,12 @@ def test_schedule():
 def test_modules_share_the_function_and_bn_layout():
   x, scale, bias, stats = _data(seed=5)
   layer = jaxbn.BatchRenorm(use_running_average=False, momentum=0.9, r_max=1.5, d_max=0.5)
-  variables = jaxbn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)  # BN's layout loads
+  # BN's layout: the same variables, names, shapes and dtypes, so checkpoints interchange
+  bn_variables = jaxbn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+  renorm_variables = layer.init(jax.random.key(0), x)
+  shape_of = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+  assert shape_of(bn_variables) == shape_of(renorm_variables)
+  jax.tree.map(np.testing.assert_array_equal, bn_variables, renorm_variables)
   variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
   y, upd = layer.apply(variables, x, mutable=["batch_stats"])
   y_fn, new = jaxbn.batch_renorm(x, variables["params"], stats, training=True, r_max=1.5, d_max=0.5, momentum=0.9)

@@ -66,9 +66,19 @@ def test_population_stats_is_algorithm_2(norm):
   for layer in ("bn1", "bn2"):
     np.testing.assert_allclose(new[layer]["mean"], np.mean(means[layer], 0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new[layer]["var"], np.mean(vars_[layer], 0), rtol=1e-4)
-  # and the model evaluates with them as an affine map:
+  # and the model evaluates with them (Algorithm 2's inference: one affine map per feature), in float64
+  x = batches[0].astype(np.float64)
+  eps = 1e-5
+
+  def infer(h, layer):
+    stats, params = new[layer], p[layer]
+    inv = np.asarray(params["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64) + eps)
+    return h * inv + (np.asarray(params["bias"], np.float64) - np.asarray(stats["mean"], np.float64) * inv)
+
+  h = infer(x @ np.asarray(p["Dense_0"]["kernel"], np.float64) + np.asarray(p["Dense_0"]["bias"]), "bn1")
+  h = infer(np.tanh(h) @ np.asarray(p["Dense_1"]["kernel"], np.float64) + np.asarray(p["Dense_1"]["bias"]), "bn2")
   out = model.apply({**variables, "batch_stats": new}, batches[0], train=False)
-  assert out.shape == (16, 4)
+  np.testing.assert_allclose(out, h, rtol=1e-4, atol=1e-5)
 
 
 def test_population_stats_with_synced_model():

@@ -1,7 +1,6 @@
 """train.py as a new user meets it: usage errors, run directories, failures."""
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from tests.idx_files import make_dataset, write_dataset  # noqa: E402
-from tests.train_runs import metrics, run, train_command  # noqa: E402
+from tests.train_runs import free_port, metrics, run, train_command  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -239,7 +238,7 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_last(tmp_path, idx_d
 
 @pytest.mark.slow
 def test_a_process_alone_gives_up_within_the_timeout(tmp_path, idx_dir):
-  port = 23000 + os.getpid() % 1000
+  port = free_port()  # nothing listens there
   for process_id, expected in (
     (1, f"error: process 1: no coordinator at 127.0.0.1:{port} within 3 s"),
     (0, f"process 0: waiting up to 3 s (--connect-timeout) for 2 processes at 127.0.0.1:{port}"),

@@ -120,7 +120,8 @@ def claims(records: list[dict]) -> list[tuple[str, str, str]]:
   if gains:
     ahead = [n for n, g in gains.items() if g > noise]
     behind = [n for n, g in gains.items() if g < -noise]
-    status = "holds at " + ", ".join(map(str, ahead)) if ahead else ("does not hold" if behind else "within the seed noise")
+    quiet = "does not hold" if behind else "within the seed noise"
+    status = "holds at " + ", ".join(map(str, ahead)) if ahead else quiet
     large = [n for n in gains if (n == SYNC or n >= 32) and len([v for v in t.values("BN", n) if v is not None]) > 1]
     spread = (
       f" EMA noisy at large normalization batches: half the seed range at {', '.join(map(str, large))} averages "
