@@ -107,8 +107,8 @@ def parse_args(argv=None):
     sweep.check(global_batch, devices)
     if args.jobs < 1:
       raise plan.PlanError(f"--jobs: expected a positive integer, got {args.jobs}")
-    shard = _shard(args.shard)
-  except (plan.PlanError, ConfigError) as error:
+    shard = cli.shard(args.shard)
+  except (plan.PlanError, ConfigError, ValueError) as error:
     parser.error(str(error))
   return args, sweep, given, config, devices, global_batch, shard
 
@@ -117,17 +117,6 @@ def _device_count() -> int:
   import jax
 
   return jax.device_count()
-
-
-def _shard(text):
-  if text is None:
-    return 0, 1
-  try:
-    k, n = map(int, text.split("/"))
-    assert 0 <= k < n
-  except (ValueError, AssertionError):
-    raise plan.PlanError(f"--shard: expected K/N with 0 <= K < N, got {text!r}") from None
-  return k, n
 
 
 def main(argv=None):

@@ -46,13 +46,10 @@ def select(plan, only=None, match=None, shard=None) -> list:
   """The runs of `plan` in experiments `only`, whose names contain `match`, and of
   shard "K/N" (every N-th run from the K-th, 0-based: N streams side by side)."""
   plan = [r for r in plan if (only is None or r.experiment in only) and (match is None or match in r.name)]
-  if shard is None:
-    return plan
   try:
-    k, n = map(int, shard.split("/"))
-    assert 0 <= k < n
-  except (ValueError, AssertionError):
-    raise SystemExit(f"error: --shard: expected K/N with 0 <= K < N, got {shard!r}") from None
+    k, n = cli.shard(shard)
+  except ValueError as error:
+    raise SystemExit(f"error: {error}") from None
   return plan[k::n]
 
 

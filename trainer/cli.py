@@ -26,3 +26,16 @@ def first_line(error: BaseException, limit: int = 300) -> str:
   """`Type: the first line of the message`, cut to `limit` characters: what a one-line error quotes."""
   text = (str(error).strip().splitlines() or [""])[0][:limit]
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def shard(text: str | None) -> tuple[int, int]:
+  """--shard K/N: (K, N) with 0 <= K < N; None is (0, 1), the whole. ValueError naming the flag otherwise."""
+  if text is None:
+    return 0, 1
+  try:
+    k, n = map(int, text.split("/"))
+  except ValueError:
+    k, n = -1, 0
+  if not 0 <= k < n:
+    raise ValueError(f"--shard: expected K/N with 0 <= K < N, got {text!r}")
+  return k, n
