@@ -24,7 +24,6 @@ from PIL import Image
 from trainer import order
 
 PAD = 4
-AUGMENTATIONS = ("none", "crop-flip", "random-resized-crop")
 EVAL_CROP = 0.875  # the centre crop's share of the resized shorter side
 
 

@@ -33,10 +33,6 @@ def with_population_statistics(state, model, batches, estimator: str):
   return state.replace(batch_stats=jaxbn.population_stats(model, variables, batches, estimator=estimator, train=False))
 
 
-# --population-estimator -> the estimators evaluated, and their metrics' suffix
-ESTIMATOR_SUFFIX = {"paper": "", "pooled": "_pooled"}
-
-
 class Evaluator:
   """The evaluation record of a run's step, as `OUT/metrics.jsonl` holds it."""
 
