@@ -121,30 +121,17 @@ def _device_count() -> int:
 
 def main(argv=None):
   args, sweep, given, config, devices, global_batch, (k, n) = parse_args(argv)
-  from trainer import provenance
-  from trainer.compare import report
   from trainer.compare.sweep import Stopped, SweepDir, adopted, run_all
 
+  command = "python compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
   out = SweepDir(Path(args.out))
   # the devices every run sees: fixed in the sweep's training flags, so a later command must match
   train_flags = {**given, "devices": devices}
-  try:
-    out.claim(train_flags)
-  except plan.PlanError as error:
-    make_parser().error(str(error))
-  from trainer.data import DatasetError
-  from trainer.loop import open_data_of
-
-  try:
-    with out.locked():  # prepared once, before runs (and shards sharing the data dir) open it at once
-      open_data_of(config)
-  except DatasetError as error:
-    sys.exit(f"error: {error}")
+  _claim_and_prepare(out, train_flags, config)
   specs = sweep.runs(global_batch, devices, config.steps)
-  placements = {size: plan.describe(size, global_batch, devices) for size in sweep.sizes}
   print(f"{len(specs)} runs ({len(sweep.seeds)} seeds), global batch {global_batch}, {config.steps:,} steps each:")
-  for size, where in placements.items():
-    print(f"  normalization batch {size}: {where}")
+  for size in sweep.sizes:
+    print(f"  normalization batch {size}: {plan.describe(size, global_batch, devices)}")
   mine = specs[k::n]
   todo = [s for s in mine if not out.finished(s.name)]
   known = out.state()["runs"]
@@ -158,12 +145,40 @@ def main(argv=None):
   try:
     failed = run_all(todo, train_flags, out, args.jobs, env)
   except Stopped:
-    again = " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"stopped: the runs in progress saved their step; continue with: python compare.py {again}", file=sys.stderr)
+    print(f"stopped: the runs in progress saved their step; continue with: {command}", file=sys.stderr)
     sys.exit(0)
+  finished = _write_report(out, sweep, train_flags, config, global_batch, devices, command)
+  print(f"{finished} runs finished in {args.out}; report: {out.out / 'report.md'}")
+  if failed:
+    sys.exit(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (their train.log says why)")
 
-  with out.locked():  # the report of every finished run, whichever shard finishes last
+
+def _claim_and_prepare(out, train_flags: dict, config: Config) -> None:
+  """The sweep's training flags (or a one-line refusal), and the dataset prepared once, before the
+  runs (and other shards sharing the data dir) open it at the same time."""
+  from trainer.data import DatasetError
+  from trainer.loop import open_data_of
+
+  try:
+    out.claim(train_flags)
+  except plan.PlanError as error:
+    make_parser().error(str(error))
+  try:
+    with out.locked():
+      open_data_of(config)
+  except DatasetError as error:
+    sys.exit(f"error: {error}")
+
+
+def _write_report(out, sweep, train_flags, config, global_batch: int, devices: int, command: str) -> int:
+  """report.md, summary.json and the figure of every finished run in DIR (under its lock: whichever
+  shard finishes last writes the whole); returns how many runs that is."""
+  from trainer import provenance
+  from trainer.compare import report
+
+  with out.locked():
     records, infos = out.records()
+    sizes = sorted({r["normalization_batch"] for r in records} | set(sweep.sizes), key=plan.order_key)
     flags = {
       **train_flags,
       "normalization_batch": sweep.sizes,
@@ -172,25 +187,19 @@ def main(argv=None):
       "repair_sizes": sweep.repair_sizes,
       "population_samples": sweep.population_samples,
     }
-    report.write(
-      out.out,
-      records,
-      flags,
-      {
-        "title": _title(config),
-        "command": "python compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commits": sorted({i.get("commit", "?") for i in infos}) or [provenance.commit()],
-        "machine": out.state().get("machine", provenance.machine()),
-        "wall_time_min": sum(i.get("wall_time_s", 0.0) for i in infos) / 60,
-        "runs": len(records),
-        "placements": placements,
-        "global_batch": global_batch,
-        "steps": config.steps,
-      },
-    )
-  print(f"{len(records)} runs finished in {args.out}; report: {out.out / 'report.md'}")
-  if failed:
-    sys.exit(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (their train.log says why)")
+    about = {
+      "title": _title(config),
+      "command": command,
+      "commits": sorted({i.get("commit", "?") for i in infos}) or [provenance.commit()],
+      "machine": out.state().get("machine", provenance.machine()),
+      "wall_time_min": sum(i.get("wall_time_s", 0.0) for i in infos) / 60,
+      "runs": len(records),
+      "placements": {n: plan.describe(n, global_batch, devices) for n in sizes},
+      "global_batch": global_batch,
+      "steps": config.steps,
+    }
+    report.write(out.out, records, flags, about)
+  return len(records)
 
 
 def _title(config: Config) -> str:
