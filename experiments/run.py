@@ -65,14 +65,18 @@ def compare(name: str, flags: tuple[str, ...], args) -> None:
 
 
 def publish(sweep: Path, target: Path) -> None:
-  """compare.json, summary.json and runs/NAME/{metrics.jsonl, config.json} of a sweep directory."""
-  for path in [sweep / "compare.json", sweep / "summary.json", *sweep.glob("runs/*/metrics.jsonl")]:
-    files = [path] if path.parent == sweep else [path, path.with_name("config.json")]
-    for file in files:
-      if file.exists():
-        copy = target / file.relative_to(sweep)
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(file, copy)
+  """compare.json, summary.json and runs/NAME/{metrics.jsonl, config.json} of a sweep directory's
+  finished runs (not their checkpoints)."""
+  from trainer.compare.sweep import SweepDir
+
+  finished = [d for d in sorted((sweep / "runs").glob("*")) if SweepDir(sweep).finished(d.name)]
+  files = [sweep / "compare.json", sweep / "summary.json"]
+  files += [d / name for d in finished for name in ("metrics.jsonl", "config.json")]
+  for file in files:
+    if file.exists():
+      copy = target / file.relative_to(sweep)
+      copy.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy(file, copy)
 
 
 def main(argv=None):

@@ -17,8 +17,8 @@ INTRO = (
   "ResNet-20 (`--model resnet20`: its CIFAR recipe, lr 0.1 divided by 10 at 50% and 75% of the steps, momentum "
   "0.9, weight decay 0.0001, crop-flip) on Fashion-MNIST, global batch 128, {steps:,} steps, seeds {seeds}. The "
   "normalization batch (the examples one BN statistic is computed over) is swept: up to the per-device batch of "
-  "16 as per-device BN on 8 host devices (below 16 as groups of each device's batch, `--bn-group-size`), 32 and "
-  "64 as groups of the global batch on one device, sync as synced BN over the 8 devices (the styles and "
+  "16 as per-device BN on 8 host devices (below 16 as groups of each device's batch, `--bn-group-size`), larger "
+  "sizes as groups of the global batch on one device, sync as synced BN over the 8 devices (the styles and "
   "placements are equivalent: `tests/test_parallel_styles.py`, `tests/test_bn_tools.py`). Every run is "
   "evaluated four ways at the end: with the running averages (EMA, momentum 0.9); with PreciseBN "
   "(`jaxbn.population_stats` over about 10,000 training samples in the run's own normalization batches) with "
@@ -58,9 +58,10 @@ def _page(results: Results, out: Path, size: str, name: str, title: str, repairs
     return []
   steps = state["train_flags"]["steps"]
   seeds = sorted({r["seed"] for r in records})
-  comparison.figure(records, out / f"{name}.png", "ResNet-20 on Fashion-MNIST", 128)
+  page = name.replace("_", "-")
+  comparison.figure(records, out / f"{page}.png", "ResNet-20 on Fashion-MNIST", 128)
   text = _header(title, infos, state, size) + INTRO.format(steps=steps, seeds=seeds, repairs=repairs)
-  text += comparison.body(records, f"{name}.png")
+  text += comparison.body(records, f"{page}.png")
   if name == "e4_long":
     e4, _, _ = _sweep(results, "e4")
     if e4:
@@ -69,7 +70,7 @@ def _page(results: Results, out: Path, size: str, name: str, title: str, repairs
       )
       text += "\n"
   text += notes(size, name) + _commands(infos)
-  (out / f"{name.replace('_', '-')}.md").write_text(text)
+  (out / f"{page}.md").write_text(text)
   return records
 
 
