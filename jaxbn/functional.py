@@ -360,7 +360,17 @@ def _renorm_correction(stats: Moments, epsilon, renorm):
   return lax.stop_gradient(jnp.where(valid, r, 1)), lax.stop_gradient(jnp.where(valid, d, 0))
 
 
-def _train_primal(cfg, x, scale, bias, mask, renorm):
+class _TrainConfig(NamedTuple):
+  """The static part of training-mode BN (hashable: the custom JVP's non-differentiable argument)."""
+
+  faxes: tuple[int, ...]
+  epsilon: float
+  axis_name: Any
+  groups: Any  # canonical axis_index_groups
+  out_dtype: Any
+
+
+def _train_primal(cfg: _TrainConfig, x, scale, bias, mask, renorm):
   faxes, epsilon, axis_name, groups, out_dtype = cfg
   stats = _moments(x, mask, faxes, axis_name, groups)
   inv = _batch_inv_std(stats, epsilon)
@@ -535,7 +545,16 @@ def batch_norm(
     `(y, new_stats)`; running statistics carry no gradient.
   """
   options = BNOptions(
-    axis, momentum, epsilon, axis_name, axis_index_groups, unbiased, skip_nonfinite, dtype, batch_groups, batch_axis
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    unbiased=unbiased,
+    skip_nonfinite=skip_nonfinite,
+    dtype=dtype,
+    batch_groups=batch_groups,
+    batch_axis=batch_axis,
   )
   return normalize(x, params, stats, options, training=training, mask=mask)
 
@@ -590,7 +609,13 @@ def normalize(
   if o.axis_name is not None:
     check_axis_name(o.axis_name)
   scale, bias = _vary_like(scale, x), _vary_like(bias, x)
-  cfg = (faxes, float(o.epsilon), o.axis_name, _canonical_groups(o.axis_index_groups), out_dtype)
+  cfg = _TrainConfig(
+    faxes=faxes,
+    epsilon=float(o.epsilon),
+    axis_name=o.axis_name,
+    groups=_canonical_groups(o.axis_index_groups),
+    out_dtype=out_dtype,
+  )
   renorm = None
   if o.renorm is not None:
     if jnp.iscomplexobj(x):
