@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -281,8 +282,12 @@ def groups_of(stats: dict[str, Any], feature_shape) -> int:
 
 
 def combine_groups(stats: dict[str, Any]) -> dict[str, jax.Array]:
-  """One set of running statistics from per-group (or per-device) ones on the
-  leading axis: `pool_stats(stats)`, the law of total variance."""
+  """Deprecated alias of `pool_stats(stats)` (one public name per formula); warns."""
+  warnings.warn(
+    "jaxbn.functional.combine_groups is deprecated: use jaxbn.pool_stats (the same law of total variance)",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   return pool_stats(stats)
 
 
@@ -536,7 +541,7 @@ def batch_norm(
       batch is global: XLA inserts the all-reduce). `stats` then holds one set
       of running statistics per group, shape (G, *feature_shape) (a
       feature-shaped one is broadcast), and each group updates its own, as
-      each device does in pmap's per-device mode; `jaxbn.functional.combine_groups` (or
+      each device does in pmap's per-device mode; `jaxbn.pool_stats` (or
       `sync_batch_stats`) pools them before evaluation. In inference,
       per-group `stats` are pooled the same way.
     batch_axis: the axis `batch_groups` splits (before every feature axis).
@@ -668,7 +673,7 @@ def _grouped_batch_norm(x, params, stats, faxes, options: BNOptions, *, training
         f'stats["{key}"]: expected shape {fshape} or, one set per group, {gshape}; got {jnp.shape(stats[key])}.'
       )
   if not training:
-    pooled = combine_groups(stats) if jnp.shape(stats["mean"]) == gshape else stats
+    pooled = pool_stats(stats) if jnp.shape(stats["mean"]) == gshape else stats
     return normalize(x, params, pooled, inner._replace(axis_name=None), training=False, mask=mask)[0], stats
   xg, mask, gaxes = _group_batch(
     x, None if mask is None else check_mask(mask, x.shape), faxes, batch_groups, options.batch_axis, options.axis_name
@@ -685,7 +690,7 @@ def _grouped_batch_norm(x, params, stats, faxes, options: BNOptions, *, training
   if options.renorm is not None:
     # Batch Renorm corrects every group toward the pooled running statistics,
     # the estimate of the population's (each group's own row is a part of it).
-    reference = {k: widen(v) for k, v in combine_groups(rows).items()}
+    reference = {k: widen(v) for k, v in pool_stats(rows).items()}
     inner = inner._replace(renorm=options.renorm._replace(reference=reference))
   y, new_stats = normalize(xg, params, rows, inner._replace(axis=gaxes, axis_name=None), training=True, mask=mask)
   return y.reshape(x.shape), new_stats

@@ -159,7 +159,7 @@ def normalize_with(holder: nn.Module, layer: BatchNorm, x, use_running_average, 
     groups = layer.batch_groups if jnp.shape(stats["mean"]) == fshape else functional.groups_of(stats, fshape)
   if initializing and groups is not None:
     # init takes a batch of any size (often one example) and keeps the statistics.
-    stats, groups = functional.combine_groups(stats), None
+    stats, groups = functional.pool_stats(stats), None
   renorm = None
   if isinstance(layer, BatchRenorm):
     renorm = functional.Renorm(

@@ -90,3 +90,11 @@ def test_population_stats_with_synced_model():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), synced, plain)
   with pytest.raises(ValueError, match="batches: expected at least one batch"):
     jaxbn.population_stats(_Net(), variables, [], train=False)
+
+
+def test_combine_groups_is_a_deprecated_alias_of_pool_stats():
+  rows = {"mean": jnp.array([[0.0, 1.0], [2.0, 3.0]]), "var": jnp.ones((2, 2))}
+  with pytest.warns(DeprecationWarning, match="use jaxbn.pool_stats"):
+    old = jaxbn.functional.combine_groups(rows)
+  jax.tree.map(np.testing.assert_array_equal, old, jaxbn.pool_stats(rows))
+  np.testing.assert_allclose(old["var"], [2.0, 2.0])  # 1 + Var{0, 2}: the law of total variance
