@@ -31,7 +31,7 @@ def test_the_docs_have_runnable_examples():
   assert len(list(_blocks())) >= 10
 
 
-@pytest.mark.parametrize("code", _blocks())
+@pytest.mark.parametrize("code", list(_blocks()))
 def test_python_block_runs_as_pasted(code, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
   result = subprocess.run(
