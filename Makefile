@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml jaxbn/__init__.py
 
 # pytest exits non-zero (5) when it collects no test, so make fails loudly.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (long training runs): a few minutes.
 test-fast: $(STAMP)
