@@ -39,7 +39,7 @@ def main(argv=None):
   data = data_lib.open_dataset("fashion_mnist", data_dir=args.data_dir)
   batches, _ = plan_batches(config, data, config.global_batch(1))
   pixels = Pixels(*data.channel_stats())
-  parallel = trainer.Parallel("jit", jax.devices()[:1])
+  parallel = trainer.make_parallel("jit", jax.devices()[:1])
   state = parallel.put_state(trainer.create_train_state(config, batches.image_shape, num_classes=10))
   kwargs = dict(
     model=trainer.make_model(config, 10, 1),

@@ -104,7 +104,7 @@ def main(argv=None):
   for mode in MODES:
     for style in STYLES:
       config = trainer.Config(model="mlp", bn=mode, parallel=style, batch_size=8, lr=0.5)
-      parallel = trainer.Parallel(style, devices, stat_rows=len(devices) if mode == "per-device" else None)
+      parallel = trainer.make_parallel(style, devices, stat_rows=len(devices) if mode == "per-device" else None)
       state = parallel.put_state(trainer.create_train_state(config, (28, 28)))
       batches = Batches(0, len(labels), 8 * len(devices), "none", 28, 1, hflip=False)
       program = parallel.train_step(

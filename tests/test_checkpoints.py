@@ -22,10 +22,33 @@ from tests import idx_files
 from tests.train_runs import ROOT
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.3.0"
-FLAGS = (
-  "--dataset mnist --idx-dir idx --data-dir tfds --out run --no-progress --init-std 0.3 --model mlp "
-  "--bn per-device --devices 4 --global-batch-size 16 --steps 4 --eval-every 2 --checkpoint-every 2"
-).split()
+FLAGS = [
+  "--dataset",
+  "mnist",
+  "--idx-dir",
+  "idx",
+  "--data-dir",
+  "tfds",
+  "--out",
+  "run",
+  "--no-progress",
+  "--init-std",
+  "0.3",
+  "--model",
+  "mlp",
+  "--bn",
+  "per-device",
+  "--devices",
+  "4",
+  "--global-batch-size",
+  "16",
+  "--steps",
+  "4",
+  "--eval-every",
+  "2",
+  "--checkpoint-every",
+  "2",
+]
 TRAINING_ONLY = ("wall_time", "steps_per_sec")  # timings of this machine
 
 
@@ -40,7 +63,11 @@ def test_a_run_of_0_3_0_resumes_to_the_same_metrics(tmp_path):
   env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   done = subprocess.run(
     [sys.executable, str(ROOT / "train.py"), *FLAGS, "--resume"],
-    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert done.returncode == 0, done.stderr[-2000:]
   resumed = _records(tmp_path / "run" / "metrics.jsonl")

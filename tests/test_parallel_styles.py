@@ -130,7 +130,7 @@ def test_sigmoid_inception_evaluates_in_jit_style(num_devices=1):
   labels = rng.integers(0, 10, images.shape[:2]).astype(np.int32)
   state = trainer.create_train_state(config, (28, 28))
   model = trainer.make_model(config)
-  parallel = trainer.Parallel("jit", jax.devices()[:num_devices])
+  parallel = trainer.make_parallel("jit", jax.devices()[:num_devices])
   batches = [
     (images[:, i : i + 2], labels[:, i : i + 2], labels[:, i : i + 2] >= 0) for i in range(0, 32 // num_devices, 2)
   ]

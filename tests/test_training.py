@@ -33,7 +33,7 @@ def _step_inputs(bn):
 def _pmapped_step(config, state, images, labels):
   """One step under pmap, the state placed as train.py places it."""
   model, optimizer = trainer.make_model(config, num_devices=DEVICES), trainer.make_optimizer(config)
-  parallel = trainer.Parallel("pmap", jax.devices(), stat_rows=DEVICES if config.bn == "per-device" else None)
+  parallel = trainer.make_parallel("pmap", jax.devices(), stat_rows=DEVICES if config.bn == "per-device" else None)
   step = jax.pmap(
     functools.partial(trainer.train_step, model=model, optimizer=optimizer, dropout_key=jax.random.key(0), local=True),
     axis_name=trainer.AXIS,

@@ -15,14 +15,16 @@ optax alone.
 """
 
 from trainer.config import BN_MODES, PARALLEL_STYLES, Config
-from trainer.parallel import Parallel
-from trainer.state import AXIS, TrainState, create_train_state, make_model, make_optimizer
+from trainer.mesh import AXIS
+from trainer.parallel import STYLES, Parallel, make_parallel
+from trainer.state import TrainState, create_train_state, make_model, make_optimizer
 from trainer.steps import eval_step, train_batch, train_step
 
 __all__ = [
   "AXIS",
   "BN_MODES",
   "PARALLEL_STYLES",
+  "STYLES",
   "Config",
   "Parallel",
   "TrainState",
@@ -30,6 +32,7 @@ __all__ = [
   "eval_step",
   "make_model",
   "make_optimizer",
+  "make_parallel",
   "train_batch",
   "train_step",
 ]

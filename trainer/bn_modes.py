@@ -11,19 +11,37 @@ it into the layer factory a model is built with, for one parallel style:
   sync        the statistics of the whole global batch. jit: a plain reduction over
               the batch-sharded array; shard_map and pmap: axis_name over the devices.
   renorm      Batch Renorm (Ioffe 2017) per device, correcting toward the running
-              statistics pooled over the devices.
+              statistics pooled over the devices; its limits follow a schedule.
 
-Adding a mode is one entry.
+Adding a mode is one entry: nothing outside this file tests a mode by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jaxbn
+from trainer.errors import ConfigError
+from trainer.mesh import AXIS
 
-AXIS = "batch"  # the device axis of every parallel style
+# step -> the keyword arguments this step passes to every layer of the mode's class
+StepSchedule = Callable[[Any], dict[str, Any]]
+
+
+def _renorm_limits(steps: int) -> StepSchedule:
+  """Batch Renorm's limits over a run of `steps` (the paper's schedule scaled to
+  it): plain BN for the first 10% of the steps, then r_max 1 -> 3 and d_max
+  0 -> 5 linearly until 60%, then constant."""
+  limits = jaxbn.renorm_schedule(max(steps // 2, 1), warmup_steps=steps // 10)
+
+  def schedule(step):
+    r_max, d_max = limits(step)
+    return {"r_max": r_max, "d_max": d_max}
+
+  return schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +49,12 @@ class BNMode:
   layer: type | None  # the jaxbn Linen module; None: no normalization
   per_device: bool  # statistics of each device's examples, running statistics one row per device
   summary: str
-
-  @property
-  def has_population_statistics(self) -> bool:
-    """Algorithm 2 re-estimates what this mode normalizes with (renorm trains on corrected ones)."""
-    return self.layer is jaxbn.BatchNorm
+  # Algorithm 2 (PreciseBN) re-estimates what this mode normalizes with (renorm trains on corrected ones)
+  has_population_statistics: bool = False
+  # each device's layer reads the running statistics pooled over the devices (renorm's correction)
+  reads_pooled_running_statistics: bool = False
+  # steps -> the per-step layer arguments of a run that long; None: the layer takes none
+  step_schedule: Callable[[int], StepSchedule] | None = None
 
   def groups(self, group_size: int | None, global_batch: int, num_devices: int) -> int | None:
     """The normalization groups of the global batch: one per device, or of
@@ -47,38 +66,55 @@ class BNMode:
       return num_devices
     groups, rest = divmod(global_batch, group_size)
     if rest or groups % num_devices:
-      from trainer.config import ConfigError
-
       raise ConfigError(
         f"--bn-group-size: {group_size} must split the global batch of {global_batch} into groups that the "
         f"{num_devices} devices hold whole (a divisor of the per-device batch {global_batch // num_devices})"
       )
     return groups
 
-  def norm(self, momentum: float, style: str, groups: int | None = None, placed: bool = True):
-    """The layer factory for models run by `style` (`groups`: see `groups`);
-    `placed=False`: the portable model (one set of statistics, no axis)."""
+  def norm(self, momentum: float, local: bool, groups: int | None = None, placed: bool = True):
+    """The layer factory for models run per device over AXIS (`local`: shard_map,
+    pmap) or globally (jit); `groups`: see `groups`; `placed=False`: the portable
+    model (one set of statistics, no axis)."""
     if self.layer is None:
       return None
     kwargs: dict = {"momentum": momentum}
     if placed:
-      local = style != "jit"  # shard_map, pmap: the step runs per device over AXIS
       if self.per_device:
         kwargs["batch_groups"] = groups
-        if self.layer is jaxbn.BatchRenorm and local:  # each device holds its own rows
+        if self.reads_pooled_running_statistics and local:  # each device holds its own rows
           kwargs["stats_axis_name"] = AXIS
       elif local:
         kwargs["axis_name"] = AXIS
     return functools.partial(self.layer, **kwargs)
 
+  def schedule(self, steps: int) -> StepParameters | None:
+    """The per-step layer arguments of a run of `steps`; None when the mode has none."""
+    if self.step_schedule is None:
+      return None
+    return StepParameters(self.layer, self.step_schedule(steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParameters:
+  """Arguments that change with the step, passed to every layer of one class."""
+
+  layer: type
+  schedule: StepSchedule
+
+  def __call__(self, step):
+    return self.schedule(step)
+
 
 BN_MODES: dict[str, BNMode] = {
   "none": BNMode(None, False, "no normalization"),
-  "per-device": BNMode(jaxbn.BatchNorm, True, "BN with each device's batch"),
-  "sync": BNMode(jaxbn.BatchNorm, False, "BN with the global batch"),
+  "per-device": BNMode(jaxbn.BatchNorm, True, "BN with each device's batch", has_population_statistics=True),
+  "sync": BNMode(jaxbn.BatchNorm, False, "BN with the global batch", has_population_statistics=True),
   "renorm": BNMode(
     jaxbn.BatchRenorm,
     True,
     "Batch Renorm with each device's batch (r_max 1->3, d_max 0->5 from 10%% to 60%% of --steps)",
+    reads_pooled_running_statistics=True,
+    step_schedule=_renorm_limits,
   ),
 }

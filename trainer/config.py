@@ -15,9 +15,11 @@ from typing import Any
 
 from trainer import cli
 from trainer.bn_modes import BN_MODES
+from trainer.errors import ConfigError
 from trainer.models import ACTIVATIONS, MODELS
+from trainer.parallel import STYLES
 
-PARALLEL_STYLES = ("jit", "shard_map", "pmap")
+PARALLEL_STYLES = tuple(STYLES)
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -50,10 +52,6 @@ DEFAULTS: dict[str, Any] = dict(
   normalize="unit",
   image_size=None,
 )
-
-
-class ConfigError(ValueError):
-  """A bad flag value or combination: the message starts with the flag."""
 
 
 def _flag(help: str, default=None, choices=None):

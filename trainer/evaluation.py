@@ -9,8 +9,8 @@ import numpy as np
 import jaxbn
 from trainer.config import Config
 from trainer.input import Batches, Pixels, eval_batches, eval_chunk
+from trainer.models import MODELS
 
-PERCENTILES = (15, 50, 85)  # of the tracked input to one sigmoid of the MLP's last hidden layer
 # --population-estimator -> the estimators evaluated, and their metrics' suffix
 ESTIMATOR_SUFFIX = {"paper": "", "pooled": "_pooled"}
 
@@ -87,7 +87,7 @@ class Evaluator:
       batch_sums, _ = self.evaluate(state, batch_stats=True)
       result["test_loss_batch_stats"] = batch_sums["loss"] / batch_sums["count"]
       result["test_accuracy_batch_stats"] = batch_sums["correct"] / batch_sums["count"]
-    if self.config.model == "mlp":
-      values = np.percentile(tracked, PERCENTILES)
-      result.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)})
+    extra_metrics = MODELS[self.config.model].metrics
+    if extra_metrics is not None:
+      result.update(extra_metrics(tracked))
     return result

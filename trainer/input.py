@@ -32,6 +32,8 @@ import numpy as np
 
 from trainer import augment, order
 from trainer.augment import as_hwc
+from trainer.errors import ConfigError
+from trainer.models import MODELS
 
 if TYPE_CHECKING:
   from trainer.data import ImageData
@@ -115,8 +117,6 @@ class Batches:
 
 def plan_batches(config, data: ImageData, global_batch: int) -> tuple[Batches, str]:
   """The run's Batches and its input path, from the flags and the data; ConfigError if they clash."""
-  from trainer.config import ConfigError
-
   native = data.image_shape
   size = config.image_size or (native[0] if native and native[0] == native[1] else None)
   if size is None:
@@ -126,8 +126,7 @@ def plan_batches(config, data: ImageData, global_batch: int) -> tuple[Batches, s
     )
   choice = config.augment
   if choice in (None, "auto"):
-    paper = config.model in ("mlp", "inception")
-    choice = "none" if paper else ("crop-flip" if size <= SMALL_IMAGES else "random-resized-crop")
+    choice = MODELS[config.model].augment or ("crop-flip" if size <= SMALL_IMAGES else "random-resized-crop")
   if len(data.train) < global_batch:
     raise ConfigError(
       f"--batch-size: a global batch of {global_batch} exceeds the {len(data.train)} training examples of {data.name}"
@@ -170,10 +169,7 @@ class DeviceFeed:
     self.arrays = parallel.replicate((train_images, train_labels))
 
   def inputs(self, step: int):
-    # jit gathers the global batch and shards it; shard_map and pmap gather their own rows.
-    if self.parallel.local:
-      return (*self.arrays, self.parallel.put_batch(self.batches.indices(step, self.rows)))
-    return (*self.arrays, self.parallel.replicate(self.batches.indices(step, range(self.batches.global_batch))))
+    return (*self.arrays, self.parallel.put_indices(self.batches, step, self.rows))
 
   def close(self):
     pass

@@ -21,9 +21,9 @@ from trainer.config import Config
 from trainer.distributed import setup_devices
 from trainer.evaluation import Evaluator
 from trainer.input import DeviceFeed, Pixels, StreamFeed, local_rows, plan_batches
-from trainer.parallel import Parallel
+from trainer.parallel import make_parallel
 from trainer.preemption import Preempted, StopSignals
-from trainer.state import create_train_state, make_model, make_optimizer, make_renorm_schedule
+from trainer.state import create_train_state, make_model, make_optimizer
 
 __all__ = ["CheckpointError", "NonFiniteLossError", "Preempted", "setup_devices", "train_and_evaluate"]
 
@@ -120,7 +120,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     rundir.write_data_info(out, data.num_classes, batches.image_shape, pixels)
   metrics = rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
 
-  parallel = Parallel(config.parallel, all_devices, stat_rows=groups)
+  parallel = make_parallel(config.parallel, all_devices, stat_rows=groups)
   pending = rundir.read_pending(out, step=resume_step) if resume_step is not None else None
   state = parallel.put_state(state, rows=pending.rows if pending else None)
   step = int(resume_step or 0)
@@ -133,7 +133,7 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
     model=model,
     optimizer=optimizer,
     batches=batches,
-    renorm_schedule=make_renorm_schedule(config),
+    bn_schedule=BN_MODES[config.bn].schedule(config.steps),
     pixels=pixels,
     label_smoothing=config.label_smoothing,
   )

@@ -16,12 +16,12 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-import jaxbn
-from trainer.bn_modes import AXIS, BN_MODES
+from trainer.bn_modes import BN_MODES
 from trainer.config import STEP_DECAY_AT, Config
 from trainer.models import MODELS
+from trainer.parallel import STYLES
 
-__all__ = ["AXIS", "TrainState", "create_train_state", "learning_rate", "make_model", "make_optimizer"]
+__all__ = ["TrainState", "create_train_state", "learning_rate", "make_model", "make_optimizer"]
 
 
 class TrainState(struct.PyTreeNode):
@@ -41,17 +41,8 @@ def make_model(
   groups = None
   if num_devices is not None:
     groups = mode.groups(config.bn_group_size, global_batch or config.global_batch(num_devices), num_devices)
-  norm = mode.norm(config.bn_momentum, config.parallel, groups, placed=num_devices is not None)
+  norm = mode.norm(config.bn_momentum, STYLES[config.parallel].local, groups, placed=num_devices is not None)
   return MODELS[config.model].build(config, norm, num_classes, jnp.dtype(config.dtype))
-
-
-def make_renorm_schedule(config: Config):
-  """--bn renorm: Batch Renorm's limits over the run (the paper's schedule
-  scaled to --steps): plain BN for the first 10% of the steps, then r_max
-  1 -> 3 and d_max 0 -> 5 linearly until 60%, then constant. None otherwise."""
-  if config.bn != "renorm":
-    return None
-  return jaxbn.renorm_schedule(max(config.steps // 2, 1), warmup_steps=config.steps // 10)
 
 
 def learning_rate(config: Config) -> optax.Schedule:

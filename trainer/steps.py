@@ -9,6 +9,7 @@ it runs on global arrays under jax.jit, where XLA places the collectives.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,10 @@ from jax import lax
 
 import jaxbn
 from trainer.input import Batches, Pixels
-from trainer.state import AXIS, TrainState
+from trainer.mesh import AXIS
+
+if TYPE_CHECKING:
+  from trainer.state import TrainState
 
 UNIT = Pixels(0.0, 255.0)  # x / 255: the paper models' input
 
@@ -36,12 +40,13 @@ def _varying(tree):
   return jax.tree.map(vary, tree)
 
 
-def _with_renorm_limits(limits):
-  """Passes this step's (r_max, d_max) to every BatchRenorm layer of a model."""
+def _with_step_parameters(schedule, step):
+  """Passes this step's arguments (`bn_modes.StepParameters`) to every layer of their class."""
+  arguments = schedule(step)
 
   def intercept(next_fun, args, kwargs, context):
-    if isinstance(context.module, jaxbn.BatchRenorm) and context.method_name == "__call__":
-      kwargs = {**kwargs, "r_max": limits[0], "d_max": limits[1]}
+    if isinstance(context.module, schedule.layer) and context.method_name == "__call__":
+      kwargs = {**kwargs, **arguments}
     return next_fun(*args, **kwargs)
 
   return nn.intercept_methods(intercept)
@@ -63,20 +68,21 @@ def train_step(
   optimizer,
   dropout_key,
   local: bool,
-  renorm_schedule=None,
+  bn_schedule=None,
   pixels: Pixels = UNIT,
   label_smoothing: float = 0.0,
   frozen_bn: bool = False,
 ):
   """One optimizer step on the batch of uint8 images (this device's share when `local`).
 
-  `renorm_schedule`: step -> (r_max, d_max) for the model's BatchRenorm layers.
+  `bn_schedule`: the BN mode's per-step layer arguments (`BNMode.schedule`), e.g.
+  Batch Renorm's (r_max, d_max).
   `frozen_bn`: every BN layer runs as `jaxbn.FrozenBatchNorm` (its running
   statistics fixed; scale and bias still trained).
   """
 
   def loss_fn(params):
-    limits = contextlib.nullcontext() if renorm_schedule is None else _with_renorm_limits(renorm_schedule(state.step))
+    limits = contextlib.nullcontext() if bn_schedule is None else _with_step_parameters(bn_schedule, state.step)
     frozen = jaxbn.swap_batch_norm("frozen", train_affine=True) if frozen_bn else contextlib.nullcontext()
     with limits, frozen:
       (logits, _), updates = model.apply(

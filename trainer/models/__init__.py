@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flax import linen as nn
 
 from trainer.models.inception import InceptionNet
@@ -29,11 +30,23 @@ ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """build(config, norm, num_classes, dtype) -> the Linen module; recipe: flag defaults."""
+  """build(config, norm, num_classes, dtype) -> the Linen module; recipe: flag defaults;
+  augment: the --augment it trains with unless told (None: chosen by image size);
+  metrics: tracked values of the test examples (the model's `extras`) -> extra metrics."""
 
   build: Callable[[Any, Any, int, Any], nn.Module]
   recipe: dict[str, Any]
   summary: str
+  augment: str | None = None
+  metrics: Callable[[np.ndarray], dict[str, float]] | None = None
+
+
+PERCENTILES = (15, 50, 85)  # of the tracked input to one sigmoid of the MLP's last hidden layer
+
+
+def sigmoid_input_percentiles(tracked: np.ndarray) -> dict[str, float]:
+  """The paper's Figure 1(b, c): percentiles of one last-layer sigmoid's input over the test set."""
+  return {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(tracked, PERCENTILES), strict=True)}
 
 
 # The paper's Figure 1 run (§4.1): batch 60, 50,000 steps; optimizer and rate are E1's first setting.
@@ -99,11 +112,18 @@ def _resnet(cls):
 
 
 MODELS: dict[str, ModelSpec] = {
-  "mlp": ModelSpec(_mlp, PAPER_MLP, "the paper's MLP 784-100-100-100-10 (sigmoid; §4.1)"),
+  "mlp": ModelSpec(
+    _mlp,
+    PAPER_MLP,
+    "the paper's MLP 784-100-100-100-10 (sigmoid; §4.1)",
+    augment="none",
+    metrics=sigmoid_input_percentiles,
+  ),
   "inception": ModelSpec(
     _inception,
     dict(batch_size=32, steps=10_000, optimizer="momentum", lr=0.01, eval_every=500, bn_momentum=0.99),
     "a small Inception-style convnet (paper §4.2, scaled down)",
+    augment="none",
   ),
   "resnet20": ModelSpec(_resnet(ResNet20), CIFAR_RESNET, "CIFAR ResNet-20 (He et al. 2016 §4.2; 0.27M parameters)"),
   "resnet32": ModelSpec(_resnet(ResNet32), CIFAR_RESNET, "CIFAR ResNet-32 (0.46M parameters)"),
