@@ -15,7 +15,7 @@ from jaxbn import nnx
 from jaxbn.functional import BNOptions, Moments, Renorm, batch_norm, moments, normalize, pool_stats
 from jaxbn.linen import BatchNorm, BatchRenorm, FrozenBatchNorm
 from jaxbn.renorm import batch_renorm, fold_batch_norm, renorm_schedule
-from jaxbn.statistics import population_stats, sync_batch_stats
+from jaxbn.statistics import accumulate_batch_stats, population_stats, sync_batch_stats
 from jaxbn.swap import swap_batch_norm
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
   "FrozenBatchNorm",
   "Moments",
   "Renorm",
+  "accumulate_batch_stats",
   "batch_norm",
   "batch_renorm",
   "fold_batch_norm",

@@ -13,7 +13,7 @@ from flax import linen as nn
 from jaxbn import checks, functional
 from jaxbn.linen import BatchNorm, FrozenBatchNorm
 
-__all__ = ["ESTIMATORS", "PopulationEstimate", "population_stats", "sync_batch_stats"]
+__all__ = ["ESTIMATORS", "PopulationEstimate", "accumulate_batch_stats", "population_stats", "sync_batch_stats"]
 
 ESTIMATORS = ("paper", "pooled")
 
@@ -57,6 +57,34 @@ def sync_batch_stats(batch_stats, axis_name=None, *, axis_index_groups=None):
   if axis_name is not None:
     checks.check_axis_name(axis_name)
   return _map_stats(lambda s: functional.pool_stats(s, axis_name, axis_index_groups=axis_index_groups), batch_stats)
+
+
+def accumulate_batch_stats(running, micro_batch_stats, momentum: float):
+  """The running statistics after one optimizer step over K micro-batches.
+
+  Gradient accumulation normalizes each micro-batch by its own statistics; the
+  running statistics are then updated once per step, from the moments of the
+  whole step's batch, pooled exactly from the K micro-batches' (equal sizes):
+
+      mean_B = mean_k mean_k,   var_B = mean_k var_k + mean_k |mean_k - mean_B|^2
+      mean := momentum * mean + (1 - momentum) * mean_B   (and var likewise)
+
+  so the momentum keeps its time scale in optimizer steps (K updates per step
+  would shorten it K-fold and weigh the last micro-batch most).
+
+  Args:
+    running: the running statistics before the step (Linen's 'batch_stats', or
+      `nnx.to_pure_dict` of the BatchStat state).
+    micro_batch_stats: the same tree with a leading axis of K: each micro-batch's
+      mean and biased variance, as a training pass with momentum 0 leaves them
+      (`with jaxbn.swap_batch_norm(momentum=0.0): model.apply(...)`, or
+      `jaxbn.nnx.swap_batch_norm(model, momentum=0.0)`; layers with
+      `unbiased=False`, the default). Rows of `batch_groups` stay rows.
+    momentum: the layers' momentum (flax's convention: the weight of the old value).
+  """
+  checks.check_hyperparameters(momentum, 0.0)
+  batch = sync_batch_stats(micro_batch_stats)
+  return jax.tree.map(lambda old, new: momentum * old + (1 - momentum) * new.astype(old.dtype), running, batch)
 
 
 class PopulationEstimate:

@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
         bn=bn,
         parallel=style,
         out=str(out),
-        population_batches=POPULATION_BATCHES if bn in ("per-device", "sync") else 0,
+        population_batches=POPULATION_BATCHES if trainer.BN_MODES[bn].has_population_statistics else 0,
       )
       train_and_evaluate(config, devices=jax.devices())
       metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -56,8 +56,10 @@ class BNMode:
   # steps -> the per-step layer arguments of a run that long; None: the layer takes none
   step_schedule: Callable[[int], StepSchedule] | None = None
 
-  def groups(self, group_size: int | None, global_batch: int, num_devices: int) -> int | None:
-    """The normalization groups of the global batch: one per device, or of
+  def groups(
+    self, group_size: int | None, global_batch: int, num_devices: int, what: str = "global batch"
+  ) -> int | None:
+    """The normalization groups of the global batch (or a micro-batch of it, `what`): one per device, or of
     `group_size` examples (`--bn-group-size`), each device holding whole groups;
     None for modes that normalize over the global batch."""
     if not self.per_device:
@@ -67,8 +69,8 @@ class BNMode:
     groups, rest = divmod(global_batch, group_size)
     if rest or groups % num_devices:
       raise ConfigError(
-        f"--bn-group-size: {group_size} must split the global batch of {global_batch} into groups that the "
-        f"{num_devices} devices hold whole (a divisor of the per-device batch {global_batch // num_devices})"
+        f"--bn-group-size: {group_size} must split the {what} of {global_batch} into groups that the "
+        f"{num_devices} devices hold whole (a divisor of the per-device {what} {global_batch // num_devices})"
       )
     return groups
 

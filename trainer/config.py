@@ -97,8 +97,8 @@ class Config:
     "pixels to x/255 (unit) or by the training split's per-channel mean and std (standardize)", None, NORMALIZATIONS
   )
   # ---- model and BN
-  model: str = _flag("the model", "mlp", tuple(MODELS))
-  bn: str | None = _flag("the BN mode (none: the paper's baseline without BN)", None, tuple(BN_MODES))
+  model: str = _flag("the model", "mlp", MODELS)
+  bn: str | None = _flag("the BN mode (none: the paper's baseline without BN)", None, BN_MODES)
   bn_momentum: float | None = _flag("running-average decay of BN statistics (flax meaning)")
   bn_group_size: int | None = _flag(
     "per-device/renorm: examples per normalization group (ghost BN; default: each device's batch); "
@@ -108,6 +108,12 @@ class Config:
     "train the last N steps with BN frozen (jaxbn.FrozenBatchNorm: the running statistics, pooled over the "
     "devices, fixed; scale and bias still trained); 0: off",
     0,
+  )
+  accumulate_steps: int = _flag(
+    "gradient accumulation: each step runs the global batch as N micro-batches, one after the other (the "
+    "activations of one held at a time); BN normalizes each micro-batch as --bn says, and the running "
+    "statistics take one update per step from the micro-batches' pooled moments. N divides the per-device batch",
+    1,
   )
   dtype: str = _flag(
     "computation dtype (parameters, optimizer state and BN statistics stay float32)", "float32", DTYPES
@@ -125,7 +131,7 @@ class Config:
   parallel: str = _flag(
     "how the step spans the devices: jax.jit over sharded arrays, jax.jit(jax.shard_map(...)) or jax.pmap",
     "jit",
-    PARALLEL_STYLES,
+    STYLES,
   )
   devices: int | None = _flag("devices to use (on CPU: host devices to create; default: every device)")
   batch_size: int | None = _flag("examples per device per step (global batch = this x devices)")
@@ -192,7 +198,7 @@ class Config:
       choices = field.metadata.get("choices")
       if choices and getattr(self, field.name) is not None:
         self._choose(field.name, choices)
-    for name in ("steps", "eval_every", "width"):
+    for name in ("steps", "eval_every", "width", "accumulate_steps"):
       _positive_int(name, getattr(self, name))
     for name in ("batch_size", "global_batch_size", "devices", "image_size", "input_workers"):
       if getattr(self, name) is not None:
@@ -250,6 +256,19 @@ class Config:
     if self.global_batch_size % num_devices:
       _fail("global_batch_size", f"{self.global_batch_size} does not split evenly over {num_devices} devices")
     return self.global_batch_size
+
+  def micro_batch(self, num_devices: int) -> int:
+    """Examples per micro-batch over all devices (--accumulate-steps); ConfigError unless
+    the micro-batches split every device's batch evenly."""
+    global_batch = self.global_batch(num_devices)
+    per_device = global_batch // num_devices
+    if per_device % self.accumulate_steps:
+      _fail(
+        "accumulate_steps",
+        f"{self.accumulate_steps} micro-batches must split the per-device batch of {per_device} evenly "
+        f"(global batch {global_batch} over {num_devices} devices)",
+      )
+    return global_batch // self.accumulate_steps
 
   def differences(self, other: Config) -> list[str]:
     """The flags (as --name value) of `self` that differ from `other`'s, but

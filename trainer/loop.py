@@ -1,39 +1,42 @@
-"""The host loop of a run: set up, restore, train step by step, evaluate, checkpoint."""
+"""The host loop of a run, in phases: set up -> restore -> train -> (evaluate, save).
+
+`train_and_evaluate` runs them in order; each phase is a short function over
+the `Run` that `set_up` builds. The FrozenBN final phase is which program runs
+at step t (`Run.program_at`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from trainer import cli, rundir, steps
 from trainer import data as data_lib
+from trainer import rundir, steps
 from trainer.bn_modes import BN_MODES
+from trainer.checkpoints import CheckpointError, Checkpoints
 from trainer.config import Config
 from trainer.distributed import setup_devices
 from trainer.evaluation import Evaluator
 from trainer.input import DeviceFeed, Pixels, StreamFeed, local_rows, plan_batches
-from trainer.parallel import make_parallel
+from trainer.parallel import Parallel, make_parallel
 from trainer.preemption import Preempted, StopSignals
-from trainer.state import create_train_state, make_model, make_optimizer
+from trainer.state import TrainState, create_train_state, make_model, make_optimizer
 
 __all__ = ["CheckpointError", "NonFiniteLossError", "Preempted", "setup_devices", "train_and_evaluate"]
 
 
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or infinite: the run stops."""
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written."""
 
 
 class ArraySource:
@@ -67,6 +70,134 @@ def open_data_of(config: Config):
   )
 
 
+def _open_data(config: Config):
+  """The dataset on every process: process 0 prepares a shared data dir, the others
+  open it after (or prepare their own)."""
+  if jax.process_count() == 1:
+    return open_data_of(config)
+  data = open_data_of(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("jaxbn: the data is prepared")
+  return data or open_data_of(config)
+
+
+@dataclasses.dataclass
+class Run:
+  """What the phases of one run share (built by `set_up`)."""
+
+  config: Config
+  out: Path
+  primary: bool  # this process writes the run's files
+  parallel: Parallel
+  open_feed: Any  # start step -> the training input (DeviceFeed or StreamFeed)
+  evaluator: Evaluator
+  checkpoints: Checkpoints
+  step_kwargs: dict  # the training step's model, optimizer, batches, schedule, pixels
+  has_row_stats: bool  # per-device BN: running statistics one row per group
+  write_data_info: Any  # () -> None: OUT/data.json
+
+  def frozen(self, step: int) -> bool:
+    """Whether `step` is in the FrozenBN final phase (--frozen-bn-steps)."""
+    frozen_steps = self.config.frozen_bn_steps
+    return bool(frozen_steps) and step >= self.config.steps - frozen_steps
+
+  def program_at(self, state, step: int, resident: bool):
+    """The training program of `step`: BN's, or FrozenBN's in the final phase."""
+    return self.parallel.train_step(state, resident=resident, frozen_bn=self.frozen(step), **self.step_kwargs)
+
+
+def set_up(config: Config, devices) -> tuple[Run, TrainState]:
+  """The run's data, models, placement, input and evaluation, and its fresh portable state."""
+  all_devices = devices if jax.process_count() == 1 else jax.devices()
+  num_devices = len(all_devices)
+  global_batch = config.global_batch(num_devices)
+  data = _open_data(config)
+  batches, path = plan_batches(config, data, global_batch)
+  pixels = Pixels(*data.channel_stats()) if config.normalize == "standardize" else steps.UNIT
+  train_source, test_source = data.train, data.test
+  if path == "device":
+    train_images, train_labels = data_lib.read_split(data.train)
+    train_source = ArraySource(train_images, train_labels)
+    test_source = ArraySource(*data_lib.read_split(data.test))
+
+  mode = BN_MODES[config.bn]
+  micro_batch = config.micro_batch(num_devices)  # the global batch without --accumulate-steps
+  what = "micro-batch" if config.accumulate_steps > 1 else "global batch"
+  groups = mode.groups(config.bn_group_size, micro_batch, num_devices, what)
+  statistics_batch = micro_batch // groups if groups else micro_batch  # examples per BN statistic in training
+  parallel = make_parallel(config.parallel, all_devices, stat_rows=groups)
+  rows = local_rows(global_batch, all_devices, jax.process_index())
+
+  def open_feed(start: int):
+    if path == "device":
+      return DeviceFeed(parallel, train_images, train_labels, batches, rows)
+    return StreamFeed(parallel, train_source, batches, rows, start, config.steps, config.input_workers)
+
+  per_device = global_batch // num_devices
+  local_devices = range(rows.start // per_device, rows.stop // per_device)
+  eval_model = make_model(config, data.num_classes)  # reads the pooled running statistics
+  evaluator = Evaluator(
+    config, parallel, eval_model, batches, train_source, test_source, pixels, statistics_batch, local_devices
+  )
+  out = Path(config.out)
+  out.mkdir(parents=True, exist_ok=True)
+  run = Run(
+    config=config,
+    out=out,
+    primary=jax.process_index() == 0,
+    parallel=parallel,
+    open_feed=open_feed,
+    evaluator=evaluator,
+    checkpoints=Checkpoints(out),
+    step_kwargs=dict(
+      model=make_model(config, data.num_classes, num_devices, global_batch),
+      optimizer=make_optimizer(config),
+      batches=batches,
+      bn_schedule=mode.schedule(config.steps),
+      pixels=pixels,
+      label_smoothing=config.label_smoothing,
+      accumulation=steps.Accumulation(config.accumulate_steps, config.bn_momentum)
+      if config.accumulate_steps > 1
+      else None,
+    ),
+    has_row_stats=groups is not None,
+    write_data_info=functools.partial(rundir.write_data_info, out, data.num_classes, batches.image_shape, pixels),
+  )
+  return run, create_train_state(config, batches.image_shape, num_classes=data.num_classes)
+
+
+@dataclasses.dataclass
+class Start:
+  """Where training starts: the placed state, its step, and the losses of the period so far."""
+
+  state: Any
+  step: int
+  losses: list
+  metrics: rundir.Metrics
+
+
+def restore(run: Run, fresh: TrainState) -> Start | dict:
+  """The placed state to train from: the last checkpoint with --resume (and the
+  per-device rows and losses a preemption left), else `fresh`. A finished run:
+  its last metrics record instead (nothing to train, nothing rewritten)."""
+  config, checkpoints = run.config, run.checkpoints
+  resume_step = checkpoints.latest_step() if config.resume else None
+  state = fresh
+  if resume_step is not None:
+    if resume_step >= config.steps:
+      return rundir.Metrics(run.out / "metrics.jsonl", resume_step, enabled=False).last
+    state = checkpoints.restore(resume_step, fresh)
+  if run.primary:
+    rundir.write_config(config)  # on resume only --steps can have changed
+    run.write_data_info()
+  metrics = rundir.Metrics(run.out / "metrics.jsonl", resume_step, enabled=run.primary)
+  pending = rundir.read_pending(run.out, step=resume_step) if resume_step is not None else None
+  state = run.parallel.put_state(state, rows=pending.rows if pending else None)
+  step = int(resume_step or 0)
+  if run.frozen(step):  # resumed in the frozen phase: its statistics are the pooled ones
+    state = run.parallel.synchronize(state)
+  return Start(state, step, pending.losses if pending else [], metrics)
+
+
 def train_and_evaluate(config: Config, devices=None) -> dict:
   """Trains as configured; returns the last metrics record.
 
@@ -76,94 +207,33 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   when a checkpoint cannot be saved; the last good checkpoint stays in both.
   """
   rundir.check(config)
-  devices = devices or setup_devices(config)
-  all_devices = devices if jax.process_count() == 1 else jax.devices()
-  num_devices = len(all_devices)
-  global_batch = config.global_batch(num_devices)
-  primary = jax.process_index() == 0
-  out = Path(config.out)
+  run, fresh = set_up(config, devices or setup_devices(config))
+  start = restore(run, fresh)
+  if isinstance(start, dict):
+    return start
+  return train(run, start)
 
-  open_data = functools.partial(open_data_of, config)
 
-  if jax.process_count() == 1:
-    data = open_data()
-  else:  # process 0 prepares a shared data dir; the others open it after (or prepare their own)
-    data = open_data() if primary else None
-    multihost_utils.sync_global_devices("jaxbn: the data is prepared")
-    data = data or open_data()
-  batches, path = plan_batches(config, data, global_batch)
-  pixels = Pixels(*data.channel_stats()) if config.normalize == "standardize" else steps.UNIT
-  train_source, test_source = data.train, data.test
-  if path == "device":
-    train_images, train_labels = data_lib.read_split(data.train)
-    train_source = ArraySource(train_images, train_labels)
-    test_source = ArraySource(*data_lib.read_split(data.test))
-
-  groups = BN_MODES[config.bn].groups(config.bn_group_size, global_batch, num_devices)
-  statistics_batch = global_batch // groups if groups else global_batch  # examples per BN statistic in training
-  model, optimizer = make_model(config, data.num_classes, num_devices, global_batch), make_optimizer(config)
-  eval_model = make_model(config, data.num_classes)  # reads the pooled running statistics
-  state = create_train_state(config, batches.image_shape, num_classes=data.num_classes)
-  out.mkdir(parents=True, exist_ok=True)
-  checkpoints = ocp.CheckpointManager(
-    (out / "checkpoints").absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
-  )
-  resume_step = None
-  if config.resume and checkpoints.latest_step() is not None:
-    resume_step = checkpoints.latest_step()
-    if resume_step >= config.steps:  # finished: nothing to train, nothing to rewrite
-      return rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=False).last
-    state = checkpoints.restore(resume_step, args=ocp.args.StandardRestore(state))
-  if primary:
-    rundir.write_config(config)  # on resume only --steps can have changed
-    rundir.write_data_info(out, data.num_classes, batches.image_shape, pixels)
-  metrics = rundir.Metrics(out / "metrics.jsonl", resume_step, enabled=primary)
-
-  parallel = make_parallel(config.parallel, all_devices, stat_rows=groups)
-  pending = rundir.read_pending(out, step=resume_step) if resume_step is not None else None
-  state = parallel.put_state(state, rows=pending.rows if pending else None)
-  step = int(resume_step or 0)
-  rows = local_rows(global_batch, all_devices, jax.process_index())
-  if path == "device":
-    feed = DeviceFeed(parallel, train_images, train_labels, batches, rows)
-  else:
-    feed = StreamFeed(parallel, train_source, batches, rows, step, config.steps, config.input_workers)
-  step_kwargs = dict(
-    model=model,
-    optimizer=optimizer,
-    batches=batches,
-    bn_schedule=BN_MODES[config.bn].schedule(config.steps),
-    pixels=pixels,
-    label_smoothing=config.label_smoothing,
-  )
-  per_device = global_batch // num_devices
-  local_devices = range(rows.start // per_device, rows.stop // per_device)
-  evaluator = Evaluator(
-    config, parallel, eval_model, batches, train_source, test_source, pixels, statistics_batch, local_devices
-  )
-
-  def frozen(step):
-    return bool(config.frozen_bn_steps) and step >= config.steps - config.frozen_bn_steps
-
+def train(run: Run, start: Start) -> dict:
+  """Steps from `start` to --steps, evaluating and saving every period; the last record."""
+  config, parallel = run.config, run.parallel
+  state, step, losses, metrics = start.state, start.step, start.losses, start.metrics
   # wall_time (seconds) continues across a resume
   start_time, last = time.time() - ((metrics.last or {}).get("wall_time") or 0.0), None
   show = config.progress if config.progress is not None else sys.stderr.isatty()
-  bar = tqdm(total=config.steps, initial=step, disable=not show or not primary)
-  losses: list = pending.losses if pending else []
+  bar = tqdm(total=config.steps, initial=step, disable=not show or not run.primary)
+  feed = run.open_feed(step)
   # Steps dispatched ahead of the device. On CPU host devices none: several
   # collective programs in flight can deadlock XLA:CPU's in-process rendezvous.
-  in_flight = 0 if all_devices[0].platform == "cpu" else 2
+  in_flight = 0 if parallel.devices[0].platform == "cpu" else 2
   period_start = time.time()
-  if frozen(step):  # resumed in the frozen phase
-    state = parallel.synchronize(state)
-  program = parallel.train_step(state, resident=feed.path == "device", frozen_bn=frozen(step), **step_kwargs)
+  program = run.program_at(state, step, feed.path == "device")
   stop = StopSignals(jax.process_count())
   try:
     while step < config.steps:
-      if frozen(step) and step == config.steps - config.frozen_bn_steps:  # the phase begins: pooled, then fixed
+      if run.frozen(step) and not run.frozen(step - 1):  # the phase begins: pooled, then fixed
         state = parallel.synchronize(state)
-        program = parallel.train_step(state, resident=feed.path == "device", frozen_bn=True, **step_kwargs)
+        program = run.program_at(state, step, feed.path == "device")
       state, loss = program(state, *feed.inputs(step))  # dispatched: the host runs ahead...
       losses.append(loss)
       if len(losses) > in_flight:  # ...by a bounded number of steps
@@ -171,49 +241,50 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
       step += 1
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
-        state = parallel.synchronize(state)
-        last = evaluator.record(step, state, _floats(losses), time.time() - period_start)
+        state, last = evaluate_and_save(run, state, step, _floats(losses), time.time() - period_start)
         last["wall_time"] = time.time() - start_time
-        losses = []
         metrics.write(last)
+        losses, period_start = [], time.time()
         bar.set_postfix(acc=f"{last['test_accuracy']:.4f}", loss=f"{last['train_loss']:.4f}")
-        if not math.isfinite(last["train_loss"]):
-          kept = checkpoints.latest_step()
-          raise NonFiniteLossError(
-            f"step {step}: the training loss is {last['train_loss']}; the run stopped "
-            f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
-            f"Try a lower --lr (now {config.lr}), BN (--bn sync or per-device), or a smaller --init-std."
-          )
+        _stop_if_not_finite(run, step, last)
         if step % config.checkpoint_every == 0 or step == config.steps:
-          _save(checkpoints, step, parallel.portable_state(state), out)
-        period_start = time.time()
+          run.checkpoints.save(step, parallel.portable_state(state))
       if stop.should_stop(step) and step < config.steps:
-        # Mid-period: per-device BN's rows are kept as they are (an uninterrupted
-        # run pools them only at the next evaluation), beside the losses so far.
-        rows = parallel.row_stats(state) if groups else None
-        state = parallel.synchronize(state)
-        _save(checkpoints, step, parallel.portable_state(state), out)
-        if primary:
-          rundir.write_pending(out, step, _floats(losses), rows)
-        checkpoints.wait_until_finished()
-        raise Preempted(step, stop.received or "a signal")
+        save_and_stop(run, state, step, losses, stop.received or "a signal")
   finally:
     stop.close()
     bar.close()
     feed.close()
-  checkpoints.wait_until_finished()
+  run.checkpoints.wait_until_finished()
   assert last is not None
   return last
 
 
-def _save(checkpoints, step: int, state, out: Path) -> None:
-  try:
-    checkpoints.save(step, args=ocp.args.StandardSave(state))
-  except Exception as error:
-    kept = checkpoints.latest_step()
-    raise CheckpointError(
-      f"step {step}: the checkpoint could not be saved under {out / 'checkpoints'} "
-      f"({cli.first_line(error)}); "
-      f"{'the checkpoint of step ' + str(kept) + ' is kept' if kept else 'no earlier checkpoint exists'}."
-      f" Free space or fix permissions, then run again with --resume."
-    ) from error
+def evaluate_and_save(run: Run, state, step: int, losses: list[float], period_seconds: float):
+  """The state with pooled running statistics, and the evaluation record of `step`."""
+  state = run.parallel.synchronize(state)
+  return state, run.evaluator.record(step, state, losses, period_seconds)
+
+
+def _stop_if_not_finite(run: Run, step: int, record: dict) -> None:
+  if math.isfinite(record["train_loss"]):
+    return
+  kept = run.checkpoints.latest_step()
+  raise NonFiniteLossError(
+    f"step {step}: the training loss is {record['train_loss']}; the run stopped "
+    f"({'its checkpoint of step ' + str(kept) + ' is kept' if kept else 'no checkpoint was saved'}). "
+    f"Try a lower --lr (now {run.config.lr}), BN (--bn sync or per-device), or a smaller --init-std."
+  )
+
+
+def save_and_stop(run: Run, state, step: int, losses: list, signal_name: str):
+  """A stop signal mid-period: checkpoint, and keep per-device BN's rows as they are
+  (an uninterrupted run pools them only at the next evaluation) beside the losses so
+  far; then raise Preempted."""
+  rows = run.parallel.row_stats(state) if run.has_row_stats else None
+  state = run.parallel.synchronize(state)
+  run.checkpoints.save(step, run.parallel.portable_state(state))
+  if run.primary:
+    rundir.write_pending(run.out, step, _floats(losses), rows)
+  run.checkpoints.wait_until_finished()
+  raise Preempted(step, signal_name)

@@ -35,13 +35,17 @@ def make_model(
   config: Config, num_classes: int = 10, num_devices: int | None = None, global_batch: int | None = None
 ) -> nn.Module:
   """The configured model as a parallel style runs it over `num_devices`
-  devices (see `bn_modes`); without `num_devices`: the model that evaluates
+  devices (see `bn_modes`), on micro-batches with --accumulate-steps; without
+  `num_devices`: the model that evaluates
   the portable state (one set of statistics, no groups, no axis)."""
   mode = BN_MODES[config.bn]
-  groups = None
-  if num_devices is not None:
-    groups = mode.groups(config.bn_group_size, global_batch or config.global_batch(num_devices), num_devices)
-  norm = mode.norm(config.bn_momentum, STYLES[config.parallel].local, groups, placed=num_devices is not None)
+  groups, momentum = None, config.bn_momentum
+  if num_devices is not None:  # the training model normalizes micro-batches (the whole batch without accumulation)
+    micro_batch = (global_batch or config.global_batch(num_devices)) // config.accumulate_steps
+    groups = mode.groups(config.bn_group_size, micro_batch, num_devices)
+    if config.accumulate_steps > 1:
+      momentum = 0.0  # a pass leaves the micro-batch's moments; the step updates once (`steps.Accumulation`)
+  norm = mode.norm(momentum, STYLES[config.parallel].local, groups, placed=num_devices is not None)
   return MODELS[config.model].build(config, norm, num_classes, jnp.dtype(config.dtype))
 
 

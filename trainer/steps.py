@@ -9,7 +9,7 @@ it runs on global arrays under jax.jit, where XLA places the collectives.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,25 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+class Accumulation(NamedTuple):
+  """Gradient accumulation: `steps` micro-batches per optimizer step. The model's BN
+  layers are built with momentum 0 (a pass leaves the micro-batch's moments) and the
+  running statistics are updated once per step with `momentum`
+  (`jaxbn.accumulate_batch_stats`)."""
+
+  steps: int
+  momentum: float
+
+
+def micro_batches(x, steps: int, num_devices: int, local: bool):
+  """(rows, ...) -> (steps, rows / steps, ...): micro-batch j holds the j-th slice of
+  every device's share, so each device normalizes its own part of every micro-batch."""
+  if local:  # this device's share
+    return x.reshape(steps, -1, *x.shape[1:])
+  x = x.reshape(num_devices, steps, -1, *x.shape[1:])  # device-major rows, as the batch is sharded
+  return jnp.swapaxes(x, 0, 1).reshape(steps, -1, *x.shape[3:])
+
+
 def train_step(
   state: TrainState,
   images,
@@ -72,6 +91,8 @@ def train_step(
   pixels: Pixels = UNIT,
   label_smoothing: float = 0.0,
   frozen_bn: bool = False,
+  accumulation: Accumulation | None = None,
+  num_devices: int = 1,
 ):
   """One optimizer step on the batch of uint8 images (this device's share when `local`).
 
@@ -79,9 +100,12 @@ def train_step(
   Batch Renorm's (r_max, d_max).
   `frozen_bn`: every BN layer runs as `jaxbn.FrozenBatchNorm` (its running
   statistics fixed; scale and bias still trained).
+  `accumulation`: the batch runs as micro-batches one after the other (a scan:
+  activations live for one micro-batch), the gradient is their mean, and the
+  running statistics take one update from their pooled moments.
   """
 
-  def loss_fn(params):
+  def loss_fn(params, images, labels, dropout_key):
     limits = contextlib.nullcontext() if bn_schedule is None else _with_step_parameters(bn_schedule, state.step)
     frozen = jaxbn.swap_batch_norm("frozen", train_affine=True) if frozen_bn else contextlib.nullcontext()
     with limits, frozen:
@@ -94,11 +118,26 @@ def train_step(
       )
     return cross_entropy(logits, labels, label_smoothing), updates.get("batch_stats", {})
 
-  if local:
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(_varying(state.params))
-    grads = lax.pmean(grads, AXIS)
+  gradient = jax.value_and_grad(loss_fn, has_aux=True)
+  params = _varying(state.params) if local else state.params
+  if accumulation is None:
+    (loss, batch_stats), grads = gradient(params, images, labels, dropout_key)
   else:
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    k = accumulation.steps
+
+    def micro_step(grad_sum, micro):
+      index, images, labels = micro
+      (loss, stats), grads = gradient(params, images, labels, jax.random.fold_in(dropout_key, index))
+      return jax.tree.map(jnp.add, grad_sum, grads), (loss, stats)
+
+    micro = (jnp.arange(k), *(micro_batches(a, k, num_devices, local) for a in (images, labels)))
+    grad_sum, (losses, micro_stats) = lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), micro)
+    grads, loss = jax.tree.map(lambda g: g / k, grad_sum), jnp.mean(losses)
+    batch_stats = state.batch_stats  # FrozenBN: fixed
+    if not frozen_bn and state.batch_stats:
+      batch_stats = jaxbn.accumulate_batch_stats(state.batch_stats, micro_stats, accumulation.momentum)
+  if local:
+    grads = lax.pmean(grads, AXIS)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -133,7 +172,7 @@ def train_batch(
   elif batch_sharding is not None:
     images = jax.sharding.reshard(images, batch_sharding)
     labels = jax.sharding.reshard(labels, batch_sharding)
-  return train_step(state, images, labels, dropout_key=dropout_key, local=local, **step_kwargs)
+  return train_step(state, images, labels, dropout_key=dropout_key, local=local, num_devices=num_devices, **step_kwargs)
 
 
 def _with_mask(valid):
