@@ -27,6 +27,7 @@ INPUTS = ("auto", "device", "stream")
 AUGMENTATIONS = ("auto", "none", "crop-flip", "random-resized-crop")
 NORMALIZATIONS = ("unit", "standardize")
 POPULATION_ESTIMATORS = ("paper", "pooled", "both")
+WEIGHT_EMA_BN = ("ema", "recompute", "both")
 CHECKPOINT_STEPS = 10_000  # checkpoint_every's default, rounded up to a multiple of eval_every
 STEP_DECAY_AT = (0.5, 0.75)  # --schedule step: lr / 10 at these shares of --steps (He et al.: 32k, 48k of 64k)
 
@@ -151,6 +152,18 @@ class Config:
   lr_decay_rate: float = _flag("staircase decay factor", 1.0)
   weight_decay: float | None = _flag("weight decay (L2) on kernels; never on BN's scale and bias or on biases")
   label_smoothing: float | None = _flag("label smoothing of the cross-entropy")
+  weight_ema: float = _flag(
+    "keep an exponential moving average of the weights with this decay (Polyak averaging, timm's model EMA; "
+    "e.g. 0.999), updated every optimizer step; each evaluation also scores the averaged weights; 0: off",
+    0.0,
+  )
+  weight_ema_bn: str = _flag(
+    "--weight-ema: the BN statistics the averaged weights are scored with: the running statistics averaged "
+    "alongside them (ema, timm's way), PreciseBN of the averaged weights over --population-batches training "
+    "batches (recompute), or both",
+    "ema",
+    WEIGHT_EMA_BN,
+  )
   # ---- evaluation, checkpoints
   eval_every: int | None = _flag("evaluate on the whole test split every N steps")
   population_batches: int = _flag(
@@ -223,6 +236,12 @@ class Config:
       _fail("eval_batch_stats", "needs BN (--bn none has no statistics)")
     if self.population_batches and not BN_MODES[self.bn].has_population_statistics:
       _fail("population_batches", f"needs --bn per-device or sync (BN's training statistics), got --bn {self.bn}")
+    if not 0 <= self.weight_ema < 1:
+      _fail("weight_ema", f"expected a decay in [0, 1) (0: off), got {self.weight_ema}")
+    if self.weight_ema_bn != "ema" and not self.weight_ema:
+      _fail("weight_ema_bn", "needs --weight-ema (the averaged weights to score)")
+    if self.weight_ema and self.weight_ema_bn != "ema" and not self.population_batches:
+      _fail("weight_ema_bn", f"{self.weight_ema_bn} recomputes statistics over --population-batches; give it (>0)")
     if self.lr_decay_steps and self.schedule != "constant":
       _fail("lr_decay_steps", f"is the staircase decay of --schedule constant, not --schedule {self.schedule}")
     if self.warmup_steps >= self.steps and self.warmup_steps:

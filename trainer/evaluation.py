@@ -68,6 +68,25 @@ class Evaluator:
     groups = chunk // self.statistics_batch if batch_stats else None
     return self.parallel.evaluate(state, test, model=self.model, pixels=self.pixels, batch_stats_groups=groups)
 
+  def _scores(self, name: str, portable) -> dict:
+    """test_loss_NAME and test_accuracy_NAME of a portable state."""
+    sums, _ = self.evaluate(self.parallel.put_state(portable))
+    return {f"test_loss_{name}": sums["loss"] / sums["count"], f"test_accuracy_{name}": sums["correct"] / sums["count"]}
+
+  def _averaged_weights(self, portable) -> dict:
+    """--weight-ema: the averaged weights scored with the statistics averaged alongside
+    them (ema) and/or PreciseBN's of the averaged weights (recompute); never with the
+    live running statistics, which belong to other weights."""
+    averaged = portable.replace(params=portable.ema_params, batch_stats=portable.ema_batch_stats)
+    choice, result = self.config.weight_ema_bn, {}
+    if choice in ("ema", "both"):
+      result.update(self._scores("weight_ema", averaged))
+    if choice in ("recompute", "both"):
+      estimator = self.estimators[-1]  # "pooled" when both are asked for
+      recomputed = with_population_statistics(averaged, self.model, self.population, estimator)
+      result.update(self._scores("weight_ema" if choice == "recompute" else "weight_ema_recomputed", recomputed))
+    return result
+
   def record(self, step: int, state, losses: list[float], period_seconds: float) -> dict:
     """Train loss of the period (an exact sum of every step's loss, the same whatever was
     resumed where), the test split with the running statistics, and PreciseBN and
@@ -76,13 +95,14 @@ class Evaluator:
     sums, tracked = self.evaluate(state)
     result.update(test_loss=sums["loss"] / sums["count"], test_accuracy=sums["correct"] / sums["count"])
     result.update(wall_time=None, steps_per_sec=len(losses) / period_seconds)  # training only
-    for estimator in self.estimators if self.population is not None else ():
+    portable = None
+    if self.population is not None or self.config.weight_ema:
       portable = self.parallel.portable_state(state)
+    for estimator in self.estimators if self.population is not None else ():
       precise = with_population_statistics(portable, self.model, self.population, estimator)
-      pop_sums, _ = self.evaluate(self.parallel.put_state(precise))
-      suffix = ESTIMATOR_SUFFIX[estimator]
-      result[f"test_loss_population{suffix}"] = pop_sums["loss"] / pop_sums["count"]
-      result[f"test_accuracy_population{suffix}"] = pop_sums["correct"] / pop_sums["count"]
+      result.update(self._scores(f"population{ESTIMATOR_SUFFIX[estimator]}", precise))
+    if self.config.weight_ema:
+      result.update(self._averaged_weights(portable))
     if self.config.eval_batch_stats:
       batch_sums, _ = self.evaluate(state, batch_stats=True)
       result["test_loss_batch_stats"] = batch_sums["loss"] / batch_sums["count"]

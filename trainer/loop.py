@@ -158,6 +158,7 @@ def set_up(config: Config, devices) -> tuple[Run, TrainState]:
       accumulation=steps.Accumulation(config.accumulate_steps, config.bn_momentum)
       if config.accumulate_steps > 1
       else None,
+      weight_ema=config.weight_ema or None,
     ),
     has_row_stats=groups is not None,
     write_data_info=functools.partial(rundir.write_data_info, out, data.num_classes, batches.image_shape, pixels),

@@ -105,6 +105,8 @@ class Parallel:
       params=jax.tree.map(lambda _: P(), state.params),
       opt_state=jax.tree.map(lambda _: P(), state.opt_state),
       batch_stats=jax.tree.map(lambda _: self._stats_spec(), state.batch_stats),
+      ema_params=jax.tree.map(lambda _: P(), state.ema_params),
+      ema_batch_stats=jax.tree.map(lambda _: P(), state.ema_batch_stats),
     )
 
   def put_batch_stats(self, stats):

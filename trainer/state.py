@@ -25,10 +25,17 @@ __all__ = ["TrainState", "create_train_state", "learning_rate", "make_model", "m
 
 
 class TrainState(struct.PyTreeNode):
+  """The portable training state. A field added later needs a default: runs saved
+  before it restore with the fresh value (`trainer.checkpoints`)."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  # --weight-ema: the averaged weights and the running statistics averaged alongside
+  # them (one set, pooled over per-device BN's rows); None when off
+  ema_params: Any = None
+  ema_batch_stats: Any = None
 
 
 def make_model(
@@ -95,4 +102,6 @@ def create_train_state(
     params=params,
     batch_stats=variables.get("batch_stats", {}),
     opt_state=make_optimizer(config).init(params),
+    ema_params=params if config.weight_ema else None,
+    ema_batch_stats=variables.get("batch_stats", {}) if config.weight_ema else None,
   )

@@ -93,6 +93,7 @@ def train_step(
   frozen_bn: bool = False,
   accumulation: Accumulation | None = None,
   num_devices: int = 1,
+  weight_ema: float | None = None,
 ):
   """One optimizer step on the batch of uint8 images (this device's share when `local`).
 
@@ -103,6 +104,7 @@ def train_step(
   `accumulation`: the batch runs as micro-batches one after the other (a scan:
   activations live for one micro-batch), the gradient is their mean, and the
   running statistics take one update from their pooled moments.
+  `weight_ema`: the decay of the averaged weights (`average_weights`).
   """
 
   def loss_fn(params, images, labels, dropout_key):
@@ -141,7 +143,32 @@ def train_step(
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  if weight_ema is not None:
+    state = average_weights(state, weight_ema, local)
   return state, (lax.pmean(loss, AXIS) if local else loss)
+
+
+def average_weights(state: TrainState, decay: float, local: bool) -> TrainState:
+  """One step of the weight average (Polyak; timm's model EMA), after the optimizer's:
+
+      ema_params      := decay * ema_params      + (1 - decay) * params
+      ema_batch_stats := decay * ema_batch_stats + (1 - decay) * running statistics
+
+  the running statistics pooled over per-device BN's rows first (law of total
+  variance; `local`: this device's rows, then over the devices), so the averaged
+  statistics go with the averaged weights as one set.
+  """
+  stats = state.batch_stats
+  rows = jax.tree.leaves(stats) and jax.tree.leaves(stats)[0].ndim > jax.tree.leaves(state.ema_batch_stats)[0].ndim
+  if rows:
+    stats = jaxbn.sync_batch_stats(stats)
+    if local:
+      stats = jaxbn.sync_batch_stats(stats, AXIS)
+  average = lambda old, new: decay * old + (1 - decay) * new
+  return state.replace(
+    ema_params=jax.tree.map(average, state.ema_params, state.params),
+    ema_batch_stats=jax.tree.map(average, state.ema_batch_stats, stats),
+  )
 
 
 def train_batch(
