@@ -95,6 +95,7 @@ bench: data
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/preemption.py
 	$(PY) benchmarks/parallel_styles.py
+	$(PY) benchmarks/accumulation.py
 	$(BENCH_TUNED_ENV) $(PY) benchmarks/bn_layer.py
 	$(PY) benchmarks/summary.py
 

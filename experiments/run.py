@@ -82,7 +82,7 @@ def publish(sweep: Path, target: Path) -> None:
 def main(argv=None):
   parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=list(COMPARISONS), default="default")
-  parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3,e4,e4_long)")
+  parser.add_argument("--only", help="comma-separated experiments (e1,e1_sweep,e2,e3,e4,e4_long,e5)")
   parser.add_argument("--match", help="only the runs whose name contains this (e.g. seed1)")
   parser.add_argument("--shard", help="K/N: every N-th run from the K-th (0-based), for N run.py side by side")
   parser.add_argument("--runs", default="runs")
