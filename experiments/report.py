@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments.reporting import e1, e2, e3, e4
+from experiments.reporting import e1, e2, e3, e4, e5
 from experiments.reporting.results import ROOT, Results, fixed
 from trainer import cli
 
@@ -35,6 +35,7 @@ SECTIONS = (
   ("e3", e3, "E3 — per-device vs synced BN on 8 devices, every parallel style", ("e3",)),
   ("e4", e4, "E4 — per-device vs synced BN on a convnet: the normalization batch swept", ("e4",)),
   ("e4-long", None, "E4-long — E4 at four times its length (written with E4)", ("e4_long",)),
+  ("e5", e5, "E5 — averaged weights (weight EMA) with averaged or recomputed BN statistics", ("e5",)),
 )
 
 

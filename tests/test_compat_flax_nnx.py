@@ -58,9 +58,8 @@ def _nnx_model(norm_cls, dtype, param_dtype, linen_variables, **norm_kwargs):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float16])
-@pytest.mark.parametrize("use_fast_variance", [True, False])
 @pytest.mark.parametrize("mask", [None, MASK])
-def test_nnx_linen_batchnorm_equivalence(dtype, param_dtype, use_fast_variance, mask):
+def test_nnx_linen_batchnorm_equivalence(dtype, param_dtype, mask):
   x = jax.random.normal(jax.random.key(0), (10, 5))
   linen_model = _linen_model(jaxbn.BatchNorm, dtype, param_dtype)
   variables = linen_model.init(jax.random.key(1), x)
@@ -72,7 +71,7 @@ def test_nnx_linen_batchnorm_equivalence(dtype, param_dtype, use_fast_variance, 
     dtype,
     param_dtype,
     variables,
-    use_fast_variance=use_fast_variance,
+    use_fast_variance=False,  # accepted for flax's configurations; jaxbn's variance is always the two-pass one
     promote_dtype=lambda x, **kw: x,
   )
   nnx_out = nnx_model(x, mask=mask)

@@ -76,14 +76,19 @@ def test_inception_shapes_and_bn_placement(bn):
   assert not np.allclose(y1, y2)
 
 
-def test_inception_accepts_sigmoid_and_synced_norm():
-  norm = functools.partial(jaxbn.BatchNorm, axis_name="batch")
-  model = InceptionNet(norm=norm, activation=nn.sigmoid, width=4)
-  variables = _init(model)  # init needs no bound axis, as in flax
-  out = jax.jit(
-    jax.vmap(lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0][0], axis_name="batch")
-  )(X.reshape(2, 3, 28, 28))
-  assert out.shape == (2, 3, 10) and np.all(np.isfinite(out))
+def test_inception_with_synced_norm_normalizes_over_the_global_batch():
+  """Synced over 2 shards of 3 examples (vmap's axis), the sigmoid Inception net computes what
+  the unsynced net computes on the 6 examples at once: logits and running statistics."""
+  synced = InceptionNet(norm=functools.partial(jaxbn.BatchNorm, axis_name="batch"), activation=nn.sigmoid, width=4)
+  whole = InceptionNet(norm=jaxbn.BatchNorm, activation=nn.sigmoid, width=4)
+  variables = _init(synced)  # init needs no bound axis, as in flax
+  apply = lambda model, x: model.apply(variables, x, train=True, mutable=["batch_stats"])
+  (out, _), updates = jax.jit(jax.vmap(lambda x: apply(synced, x), axis_name="batch"))(X.reshape(2, 3, 28, 28))
+  (want, _), want_updates = jax.jit(lambda x: apply(whole, x))(X.reshape(6, 28, 28))
+  np.testing.assert_allclose(out.reshape(6, 10), want, rtol=1e-4, atol=1e-5)
+  for got, expected in zip(jax.tree.leaves(updates), jax.tree.leaves(want_updates), strict=True):
+    np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-6)  # every shard holds the global statistics
+    np.testing.assert_allclose(got[1], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_inception_dropout_on_a_batch_sharded_explicit_mesh():

@@ -88,8 +88,6 @@ def test_the_last_bn_of_each_block_starts_at_zero(zero):
   for block in blocks:
     np.testing.assert_array_equal(block["BatchNorm_1"]["scale"], 0.0 if zero else 1.0)
     np.testing.assert_array_equal(block["BatchNorm_0"]["scale"], 1.0)
-  out, _ = model.apply(variables, x, train=False)
-  assert out.shape == (4, 10) and np.all(np.isfinite(out))
 
 
 def test_a_zero_initialized_block_is_the_identity():

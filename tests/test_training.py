@@ -109,6 +109,7 @@ def _train_cmd(idx_dir, out, *extra):
 DETERMINISTIC = ("step", "train_loss", "test_loss", "test_accuracy", "p15", "p50", "p85")
 
 
+@pytest.mark.slow  # 1,500 steps, twice
 def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
   args = ("--bn", "per-device", "--devices", "2", "--steps", "1500", "--eval-every", "20", "--checkpoint-every", "200")
   reference = run(_train_cmd(idx_dir, tmp_path / "full", *args))
