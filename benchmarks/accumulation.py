@@ -27,7 +27,7 @@ from trainer import cli, steps
 KS = (1, 2, 4, 8)
 # (model, image side, batch) per platform
 CASES = {
-  "cpu": [("resnet20", 32, 64), ("resnet50", 32, 16)],
+  "cpu": [("resnet20", 32, 64), ("resnet50", 64, 32)],
   "accelerator": [("resnet20", 32, 1024), ("resnet50", 224, 128)],
 }
 
