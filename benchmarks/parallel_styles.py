@@ -23,7 +23,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,13 +42,21 @@ def collectives(text: str) -> str:
 
 
 def layer_programs(style: str, mode: str, devices):
-  """Compiled text of one BN layer, forward and forward+backward (dL/dx)."""
+  """Compiled text of one BN layer, forward and forward+backward (dL/dx), placed and
+  spanned over the devices by the style's `trainer.Parallel` (as train.py's steps are)."""
   d, b, c = len(devices), 16, 64
   x = np.random.default_rng(0).normal(size=(d * b, c)).astype(np.float32)
   per_device = mode == "per-device"
-  kwargs = {"batch_groups": d} if per_device else ({} if style == "jit" else {"axis_name": trainer.AXIS})
+  parallel = trainer.make_parallel(style, devices, stat_rows=d if per_device else None)
+  kwargs = {"batch_groups": d} if per_device else ({"axis_name": trainer.AXIS} if parallel.local else {})
   layer = jaxbn.BatchNorm(use_running_average=False, **kwargs)
   variables = layer.init(jax.random.key(0), x[:b])
+  placed = {
+    "params": parallel.replicate(variables["params"]),
+    "batch_stats": parallel.put_batch_stats(variables["batch_stats"]),  # per-device: one row per device already
+  }
+  stats_spec = P(trainer.AXIS) if per_device else P()
+  specs = {"params": P(), "batch_stats": stats_spec}
 
   def forward(variables, x):
     return layer.apply(variables, x, mutable=["batch_stats"])
@@ -57,28 +64,10 @@ def layer_programs(style: str, mode: str, devices):
   def backward(variables, x):
     return jax.grad(lambda x: jnp.sum(forward(variables, x)[0] ** 2))(x)
 
-  mesh = jax.sharding.Mesh(np.array(devices), (trainer.AXIS,))
+  xs = parallel.put_batch(x)
   texts = []
-  for fn in (forward, backward):
-    if style == "pmap":
-      stack = lambda a, d=d: np.broadcast_to(a, (d, *a.shape))
-      # Per-device: each device sees its own row of the (devices, features) statistics.
-      stats = jax.tree.map(lambda a, stack=stack: a[:, None] if per_device else stack(a), variables["batch_stats"])
-      stacked = {"params": jax.tree.map(stack, variables["params"]), "batch_stats": stats}
-      texts.append(jax.pmap(fn, axis_name=trainer.AXIS).lower(stacked, x.reshape(d, b, c)).compile().as_text())
-      continue
-    with jax.set_mesh(mesh):
-      xs = jax.device_put(x, NamedSharding(mesh, P(trainer.AXIS)))
-      stats_spec = P(trainer.AXIS) if per_device else P()
-      placed = {
-        "params": variables["params"],
-        "batch_stats": jax.device_put(variables["batch_stats"], NamedSharding(mesh, stats_spec)),
-      }
-      if style == "shard_map":
-        specs = {"params": P(), "batch_stats": stats_spec}
-        out = (P(trainer.AXIS), {"batch_stats": stats_spec}) if fn is forward else P(trainer.AXIS)
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P(trainer.AXIS)), out_specs=out)
-      texts.append(jax.jit(fn).lower(placed, xs).compile().as_text())
+  for fn, out in ((forward, (P(trainer.AXIS), {"batch_stats": stats_spec})), (backward, P(trainer.AXIS))):
+    texts.append(parallel.lower(fn, (specs, P(trainer.AXIS)), out, placed, xs).compile().as_text())
   return texts
 
 

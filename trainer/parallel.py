@@ -186,6 +186,11 @@ class Parallel:
 
     return run
 
+  def lower(self, fn, in_specs, out_specs, *args):
+    """`program(fn, ...)` lowered for `args`, to compile and read (benchmarks)."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self._spanned(fn, in_specs, out_specs)).lower(*args)
+
   def _spanned(self, fn, in_specs, out_specs):
     return fn
 
@@ -323,6 +328,9 @@ class PmapStyle(ShardMapStyle):
   def program(self, fn, in_specs, out_specs, donate=()):
     devices = self.devices if jax.process_count() == 1 else None
     return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=donate)
+
+  def lower(self, fn, in_specs, out_specs, *args):
+    return self.program(fn, in_specs, out_specs).lower(*args)
 
   def _evaluation(self, state, evaluate):
     def fn(s, images, labels, valid):
