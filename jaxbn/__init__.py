@@ -11,7 +11,7 @@ Renormalization, `jaxbn.FrozenBatchNorm` never updates its statistics,
 functional core through `jaxbn.functional.normalize(x, params, stats, BNOptions(...))`.
 """
 
-from jaxbn import nnx
+from jaxbn import nnx, pytorch
 from jaxbn.functional import BNOptions, Moments, Renorm, batch_norm, moments, normalize, pool_stats
 from jaxbn.linen import BatchNorm, BatchRenorm, FrozenBatchNorm
 from jaxbn.renorm import batch_renorm, fold_batch_norm, renorm_schedule
@@ -34,6 +34,7 @@ __all__ = [
   "normalize",
   "pool_stats",
   "population_stats",
+  "pytorch",
   "renorm_schedule",
   "swap_batch_norm",
   "sync_batch_stats",

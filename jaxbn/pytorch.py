@@ -40,14 +40,14 @@ def from_torch_momentum(momentum: float | None) -> float:
     )
   if not 0.0 <= float(momentum) <= 1.0:
     raise ValueError(f"momentum: expected PyTorch's momentum in [0, 1], got {momentum}.")
-  return 1.0 - float(momentum)
+  return round(1.0 - float(momentum), 12)  # 1 - (1 - 0.1) is 0.1, not 0.09999999999999998
 
 
 def to_torch_momentum(momentum: float) -> float:
   """jaxbn's / flax's BN momentum -> PyTorch's."""
   if not 0.0 <= float(momentum) <= 1.0:
     raise ValueError(f"momentum: expected jaxbn's momentum in [0, 1], got {momentum}.")
-  return 1.0 - float(momentum)
+  return round(1.0 - float(momentum), 12)  # 1 - (1 - 0.1) is 0.1, not 0.09999999999999998
 
 
 def _vector(name: str, value, features: int | None) -> np.ndarray:
