@@ -28,7 +28,7 @@ KS = (1, 2, 4, 8)
 # (model, image side, batch) per platform
 CASES = {
   "cpu": [("resnet20", 32, 64), ("resnet50", 64, 32)],
-  "accelerator": [("resnet20", 32, 1024), ("resnet50", 224, 128)],
+  "accelerator": [("resnet20", 32, 1024), ("resnet50", 224, 64)],
 }
 
 

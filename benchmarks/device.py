@@ -4,7 +4,8 @@
 
 Runs the BN layer (jaxbn vs flax vs the memory-traffic floor), synced BN over
 the machine's devices, the training steps of the paper's models and the ResNet
-steps (jaxbn vs flax BN, float32 and bfloat16), each writing
+steps (jaxbn vs flax BN, float32 and bfloat16) and gradient accumulation's memory and time
+per K, each writing
 benchmarks/results/NAME.PLATFORM.json with the device named in it. Needs jax,
 flax and optax only (no data, no training stack): an accelerator image's own
 Python serves. Refuses to run on a CPU, whose results are `make bench`'s.
@@ -19,7 +20,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import bn_layer, resnet_steps, synced, train_steps
+from benchmarks import accumulation, bn_layer, resnet_steps, synced, train_steps
 
 # Fewer rounds than on a CPU: an accelerator's timings vary less, and the lease is short.
 # The ResNet steps first after the BN layer: their compilations are the longest part.
@@ -28,6 +29,7 @@ RUNS = [
   (resnet_steps, ["--rounds", "5"]),
   (train_steps, ["--rounds", "5"]),
   (synced, ["--rounds", "20"]),
+  (accumulation, ["--rounds", "3"]),  # last: new, and what an overrun may cut
 ]
 
 
