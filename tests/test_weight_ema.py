@@ -168,3 +168,19 @@ def test_the_options_reach_config_json(tmp_path, idx_dir):
   config = json.loads((tmp_path / "run" / "config.json").read_text())
   assert config["accumulate_steps"] == 2 and config["weight_ema"] == 0.5 and config["weight_ema_bn"] == "ema"
   assert dataclasses.asdict(trainer.Config(**config))["weight_ema"] == 0.5
+
+
+def test_every_input_path_gives_the_same_run_with_renorm_frozen_bn_accumulation_and_averaging(tmp_path, idx_dir):
+  """Batch Renorm (its per-step limits), a FrozenBN final phase, 2 micro-batches and averaged
+  weights together: the device-resident and the streamed input train the same run."""
+  args = ("--devices", "2", "--batch-size", "6", "--steps", "30", "--eval-every", "10", "--bn", "renorm",
+          "--frozen-bn-steps", "10", "--accumulate-steps", "2", "--weight-ema", "0.8")  # fmt: skip
+  records = {}
+  for path in ("device", "stream"):
+    done = run(train_command(idx_dir, tmp_path / path, *args, "--input", path, "--input-workers", "0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records[path] = metrics(tmp_path / path)
+  assert [r["step"] for r in records["device"]] == [10, 20, 30]
+  keys = ("train_loss", "test_loss", "test_accuracy", "test_loss_weight_ema", "test_accuracy_weight_ema")
+  for a, b in zip(records["device"], records["stream"], strict=True):
+    assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-6)
