@@ -79,6 +79,21 @@ def micro_batches(x, steps: int, num_devices: int, local: bool):
   return jnp.swapaxes(x, 0, 1).reshape(steps, -1, *x.shape[3:])
 
 
+def _accumulated(gradient, params, images, labels, dropout_key):
+  """The micro-batches (leading axis) one after the other: their mean loss, their BN
+  moments stacked, and their mean gradient (`gradient`: jax.value_and_grad of the loss)."""
+  k = images.shape[0]
+
+  def micro_step(grad_sum, micro):
+    index, images, labels = micro
+    (loss, stats), grads = gradient(params, images, labels, jax.random.fold_in(dropout_key, index))
+    return jax.tree.map(jnp.add, grad_sum, grads), (loss, stats)
+
+  micro = (jnp.arange(k), images, labels)
+  grad_sum, (losses, micro_stats) = lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), micro)
+  return jnp.mean(losses), micro_stats, jax.tree.map(lambda g: g / k, grad_sum)
+
+
 def train_step(
   state: TrainState,
   images,
@@ -125,16 +140,8 @@ def train_step(
   if accumulation is None:
     (loss, batch_stats), grads = gradient(params, images, labels, dropout_key)
   else:
-    k = accumulation.steps
-
-    def micro_step(grad_sum, micro):
-      index, images, labels = micro
-      (loss, stats), grads = gradient(params, images, labels, jax.random.fold_in(dropout_key, index))
-      return jax.tree.map(jnp.add, grad_sum, grads), (loss, stats)
-
-    micro = (jnp.arange(k), *(micro_batches(a, k, num_devices, local) for a in (images, labels)))
-    grad_sum, (losses, micro_stats) = lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), micro)
-    grads, loss = jax.tree.map(lambda g: g / k, grad_sum), jnp.mean(losses)
+    micro = tuple(micro_batches(a, accumulation.steps, num_devices, local) for a in (images, labels))
+    loss, micro_stats, grads = _accumulated(gradient, params, *micro, dropout_key)
     batch_stats = state.batch_stats  # FrozenBN: fixed
     if not frozen_bn and state.batch_stats:
       batch_stats = jaxbn.accumulate_batch_stats(state.batch_stats, micro_stats, accumulation.momentum)
