@@ -18,6 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import pytest
+
 from tests import idx_files
 from tests.train_runs import ROOT
 
@@ -50,6 +53,7 @@ FLAGS = [
   "2",
 ]
 TRAINING_ONLY = ("wall_time", "steps_per_sec")  # timings of this machine
+FIXTURE_JAX = "0.10.2"  # the jax that wrote the fixture
 
 
 def _records(path: Path) -> list[dict]:
@@ -74,5 +78,9 @@ def test_a_run_of_0_3_0_resumes_to_the_same_metrics(tmp_path):
   assert [r["step"] for r in resumed] == [2, 4]
   assert resumed[0] == expected[0]  # the record before the checkpoint is kept as 0.3.0 wrote it
   for name, value in expected[1].items():
-    if name not in TRAINING_ONLY:
-      assert resumed[1][name] == value, name  # same arithmetic, same digits
+    if name in TRAINING_ONLY:
+      continue
+    if jax.__version__ == FIXTURE_JAX:  # the same arithmetic: the same digits
+      assert resumed[1][name] == value, name
+    else:  # another XLA rounds differently in the last bits
+      assert resumed[1][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
