@@ -289,6 +289,12 @@ class Config:
       )
     return global_batch // self.accumulate_steps
 
+  def normalization_groups(self, num_devices: int) -> int | None:
+    """The BN mode's normalization groups of one (micro-)batch over `num_devices`
+    (`BNMode.groups`); None for modes that normalize over the whole of it."""
+    what = "micro-batch" if self.accumulate_steps > 1 else "global batch"
+    return BN_MODES[self.bn].groups(self.bn_group_size, self.micro_batch(num_devices), num_devices, what)
+
   def differences(self, other: Config) -> list[str]:
     """The flags (as --name value) of `self` that differ from `other`'s, but
     those a resumed run may change."""

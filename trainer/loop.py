@@ -92,7 +92,6 @@ class Run:
   evaluator: Evaluator
   checkpoints: Checkpoints
   step_kwargs: dict  # the training step's model, optimizer, batches, schedule, pixels
-  has_row_stats: bool  # per-device BN: running statistics one row per group
   write_data_info: Any  # () -> None: OUT/data.json
 
   def frozen(self, step: int) -> bool:
@@ -119,10 +118,8 @@ def set_up(config: Config, devices) -> tuple[Run, TrainState]:
     train_source = ArraySource(train_images, train_labels)
     test_source = ArraySource(*data_lib.read_split(data.test))
 
-  mode = BN_MODES[config.bn]
   micro_batch = config.micro_batch(num_devices)  # the global batch without --accumulate-steps
-  what = "micro-batch" if config.accumulate_steps > 1 else "global batch"
-  groups = mode.groups(config.bn_group_size, micro_batch, num_devices, what)
+  groups = config.normalization_groups(num_devices)
   statistics_batch = micro_batch // groups if groups else micro_batch  # examples per BN statistic in training
   parallel = make_parallel(config.parallel, all_devices, stat_rows=groups)
   rows = local_rows(global_batch, all_devices, jax.process_index())
@@ -149,10 +146,10 @@ def set_up(config: Config, devices) -> tuple[Run, TrainState]:
     evaluator=evaluator,
     checkpoints=Checkpoints(out),
     step_kwargs=dict(
-      model=make_model(config, data.num_classes, num_devices, global_batch),
+      model=make_model(config, data.num_classes, num_devices),
       optimizer=make_optimizer(config),
       batches=batches,
-      bn_schedule=mode.schedule(config.steps),
+      bn_schedule=BN_MODES[config.bn].schedule(config.steps),
       pixels=pixels,
       label_smoothing=config.label_smoothing,
       accumulation=steps.Accumulation(config.accumulate_steps, config.bn_momentum)
@@ -160,7 +157,6 @@ def set_up(config: Config, devices) -> tuple[Run, TrainState]:
       else None,
       weight_ema=config.weight_ema or None,
     ),
-    has_row_stats=groups is not None,
     write_data_info=functools.partial(rundir.write_data_info, out, data.num_classes, batches.image_shape, pixels),
   )
   return run, create_train_state(config, batches.image_shape, num_classes=data.num_classes)
@@ -282,7 +278,7 @@ def save_and_stop(run: Run, state, step: int, losses: list, signal_name: str):
   """A stop signal mid-period: checkpoint, and keep per-device BN's rows as they are
   (an uninterrupted run pools them only at the next evaluation) beside the losses so
   far; then raise Preempted."""
-  rows = run.parallel.row_stats(state) if run.has_row_stats else None
+  rows = run.parallel.row_stats(state) if run.parallel.per_device_bn else None
   state = run.parallel.synchronize(state)
   run.checkpoints.save(step, run.parallel.portable_state(state))
   if run.primary:

@@ -38,9 +38,7 @@ class TrainState(struct.PyTreeNode):
   ema_batch_stats: Any = None
 
 
-def make_model(
-  config: Config, num_classes: int = 10, num_devices: int | None = None, global_batch: int | None = None
-) -> nn.Module:
+def make_model(config: Config, num_classes: int = 10, num_devices: int | None = None) -> nn.Module:
   """The configured model as a parallel style runs it over `num_devices`
   devices (see `bn_modes`), on micro-batches with --accumulate-steps; without
   `num_devices`: the model that evaluates
@@ -48,8 +46,7 @@ def make_model(
   mode = BN_MODES[config.bn]
   groups, momentum = None, config.bn_momentum
   if num_devices is not None:  # the training model normalizes micro-batches (the whole batch without accumulation)
-    micro_batch = (global_batch or config.global_batch(num_devices)) // config.accumulate_steps
-    groups = mode.groups(config.bn_group_size, micro_batch, num_devices)
+    groups = config.normalization_groups(num_devices)
     if config.accumulate_steps > 1:
       momentum = 0.0  # a pass leaves the micro-batch's moments; the step updates once (`steps.Accumulation`)
   norm = mode.norm(momentum, STYLES[config.parallel].local, groups, placed=num_devices is not None)
