@@ -2,6 +2,7 @@
 
     python examples/export_image_folder.py --dataset fashion_mnist --train 5000 --test 1000 --out DIR
     python train.py --model resnet20 --image-folder DIR --dtype bfloat16 --schedule cosine ...
+    python examples/export_image_folder.py --classes 5,6,7,8,9 --train 500 --test 1000 --out DIR2
 
 DIR/train/CLASS/NNNNN.png and DIR/test/CLASS/NNNNN.png, class folders named by
 the dataset's class names: real images to try `--image-folder` on, and the
@@ -30,6 +31,7 @@ def main(argv=None):
   parser.add_argument("--data-dir", default="data")
   parser.add_argument("--train", type=int, default=5000, help="training images to write (evenly over the split)")
   parser.add_argument("--test", type=int, default=1000, help="test images to write")
+  parser.add_argument("--classes", help="only these class indices, e.g. 0,1,2,3,4 (default: every class)")
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
   out = Path(args.out)
@@ -40,8 +42,12 @@ def main(argv=None):
   except data.DatasetError as error:
     sys.exit(f"error: {error}")
   names = ds.class_names
+  classes = _classes(parser, args.classes, len(names))
   for split, source, count in (("train", ds.train, args.train), ("test", ds.test, args.test)):
-    picks = np.linspace(0, len(source) - 1, min(count, len(source))).astype(int)
+    candidates = np.arange(len(source))
+    if classes is not None:
+      candidates = candidates[np.isin(data.read_split(source)[1], classes)]
+    picks = candidates[np.linspace(0, len(candidates) - 1, min(count, len(candidates))).astype(int)]
     for index, record in zip(picks, read(source, picks.tolist()), strict=True):
       directory = out / split / _safe(names[record["label"]])
       directory.mkdir(parents=True, exist_ok=True)
@@ -49,7 +55,20 @@ def main(argv=None):
       Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(
         directory / f"{index:05d}.png"
       )
-  print(f"wrote {args.train} + {args.test} images of {len(names)} classes under {out}")
+  shown = len(names) if classes is None else len(classes)
+  print(f"wrote {args.train} + {args.test} images of {shown} classes under {out}")
+
+
+def _classes(parser, text: str | None, count: int) -> list[int] | None:
+  if text is None:
+    return None
+  try:
+    classes = sorted({int(c) for c in text.split(",")})
+  except ValueError:
+    classes = []
+  if not classes or not all(0 <= c < count for c in classes):
+    parser.error(f"--classes: expected class indices from 0 to {count - 1}, comma-separated, got {text!r}")
+  return classes
 
 
 def _safe(name: str) -> str:

@@ -12,6 +12,9 @@ it into the layer factory a model is built with, for one parallel style:
               the batch-sharded array; shard_map and pmap: axis_name over the devices.
   renorm      Batch Renorm (Ioffe 2017) per device, correcting toward the running
               statistics pooled over the devices; its limits follow a schedule.
+  frozen      FrozenBN (detectron2's fine-tuning default): every layer normalizes
+              with its stored statistics (from --init-from), never updated; scale and
+              bias trained unless --freeze-bn-affine.
 
 Adding a mode is one entry: nothing outside this file tests a mode by name.
 """
@@ -55,6 +58,10 @@ class BNMode:
   reads_pooled_running_statistics: bool = False
   # steps -> the per-step layer arguments of a run that long; None: the layer takes none
   step_schedule: Callable[[int], StepSchedule] | None = None
+  # normalizes training batches with their own statistics (False: none, or fixed statistics)
+  batch_statistics: bool = True
+  # config -> the mode's own layer arguments (e.g. FrozenBN's train_affine)
+  layer_options: Callable[[Any], dict[str, Any]] | None = None
 
   def groups(
     self, group_size: int | None, global_batch: int, num_devices: int, what: str = "global batch"
@@ -74,13 +81,15 @@ class BNMode:
       )
     return groups
 
-  def norm(self, momentum: float, local: bool, groups: int | None = None, placed: bool = True):
+  def norm(self, momentum: float, local: bool, groups: int | None = None, placed: bool = True, config=None):
     """The layer factory for models run per device over AXIS (`local`: shard_map,
     pmap) or globally (jit); `groups`: see `groups`; `placed=False`: the portable
-    model (one set of statistics, no axis)."""
+    model (one set of statistics, no axis); `config`: the run's, for `layer_options`."""
     if self.layer is None:
       return None
     kwargs: dict = {"momentum": momentum}
+    if self.layer_options is not None and config is not None:
+      kwargs.update(self.layer_options(config))
     if placed:
       if self.per_device:
         kwargs["batch_groups"] = groups
@@ -109,7 +118,7 @@ class StepParameters:
 
 
 BN_MODES: dict[str, BNMode] = {
-  "none": BNMode(None, False, "no normalization"),
+  "none": BNMode(None, False, "no normalization", batch_statistics=False),
   "per-device": BNMode(jaxbn.BatchNorm, True, "BN with each device's batch", has_population_statistics=True),
   "sync": BNMode(jaxbn.BatchNorm, False, "BN with the global batch", has_population_statistics=True),
   "renorm": BNMode(
@@ -118,5 +127,12 @@ BN_MODES: dict[str, BNMode] = {
     "Batch Renorm with each device's batch (r_max 1->3, d_max 0->5 from 10%% to 60%% of --steps)",
     reads_pooled_running_statistics=True,
     step_schedule=_renorm_limits,
+  ),
+  "frozen": BNMode(
+    jaxbn.FrozenBatchNorm,
+    False,
+    "FrozenBN: the stored statistics (from --init-from) fixed; scale and bias trained unless --freeze-bn-affine",
+    batch_statistics=False,
+    layer_options=lambda config: {"train_affine": not config.freeze_bn_affine},
   ),
 }

@@ -8,11 +8,14 @@ value (see CONTRIBUTING, "Adding a field to the training state").
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from trainer import cli
+from trainer import cli, rundir
+from trainer.config import Config
+from trainer.state import TrainState, create_train_state
 
 KEPT = 2  # the newest checkpoints kept
 
@@ -59,3 +62,19 @@ class Checkpoints:
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
+
+
+def load_run(out: str | Path, step: int | None = None) -> tuple[Config, TrainState, int]:
+  """A finished or interrupted run's configuration and portable state at `step`
+  (default: its last checkpoint), and that step; ValueError in one line when OUT holds none."""
+  out = Path(out)
+  if not (out / "config.json").is_file() or not (out / "data.json").is_file():
+    raise ValueError(f"{out}: not a train.py run directory (no config.json and data.json)")
+  config = Config(**json.loads((out / "config.json").read_text()))
+  info = rundir.read_data_info(out)
+  checkpoints = Checkpoints(out)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None or step not in checkpoints._manager.all_steps():
+    raise ValueError(f"{out}: no checkpoint{'' if step is None else f' of step {step}'} in {out / 'checkpoints'}")
+  fresh = create_train_state(config, tuple(info["image_shape"]), num_classes=info["num_classes"])
+  return config, checkpoints.restore(step, fresh), step

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-from trainer import cli
+from trainer import cli, pretrained
 from trainer.bn_modes import BN_MODES
 from trainer.errors import ConfigError
 from trainer.models import ACTIVATIONS, MODELS
@@ -116,6 +116,22 @@ class Config:
     "statistics take one update per step from the micro-batches' pooled moments. N divides the per-device batch",
     1,
   )
+  init_from: str | None = _flag(
+    "start from PyTorch weights: a torchvision or timm ResNet state dict (.safetensors; a .pth/.pt file needs "
+    "torch) for --model resnet18/34/50; a classifier for another class count is replaced by a fresh one"
+  )
+  torch_padding: bool | None = _flag(
+    "ImageNet ResNets: pad as torchvision and timm do (each convolution by kernel // 2, the stem's max pooling by "
+    "1) instead of flax's SAME; default: on with --init-from, else off"
+  )
+  freeze_stages: int | None = _flag(
+    "fine-tuning, resnet18/34/50: no gradient to the stem and the first N stages (0: the stem only; detectron2's "
+    "FREEZE_AT is N + 1); default: nothing frozen"
+  )
+  lr_backbone_scale: float = _flag(
+    "fine-tuning, resnet18/34/50: everything but the classifier learns at the learning rate x S", 1.0
+  )
+  freeze_bn_affine: bool = _flag("--bn frozen: BN's scale and bias are fixed too (no gradient)", False)
   dtype: str = _flag(
     "computation dtype (parameters, optimizer state and BN statistics stay float32)", "float32", DTYPES
   )
@@ -226,14 +242,16 @@ class Config:
     _positive_int("lr_decay_steps", self.lr_decay_steps, zero=True)
     _positive_int("population_batches", self.population_batches, zero=True)
     _positive_int("frozen_bn_steps", self.frozen_bn_steps, zero=True)
+    self._check_fine_tuning()
     if self.bn_group_size is not None:
       _positive_int("bn_group_size", self.bn_group_size)
       if not BN_MODES[self.bn].per_device:
         _fail("bn_group_size", f"needs --bn per-device or renorm (normalization per group), got --bn {self.bn}")
-    if self.frozen_bn_steps and (BN_MODES[self.bn].layer is None or self.frozen_bn_steps >= self.steps):
-      _fail("frozen_bn_steps", f"needs BN (--bn {self.bn}) and fewer steps than --steps ({self.steps})")
-    if self.eval_batch_stats and BN_MODES[self.bn].layer is None:
-      _fail("eval_batch_stats", "needs BN (--bn none has no statistics)")
+    batch_bn = BN_MODES[self.bn].batch_statistics
+    if self.frozen_bn_steps and (not batch_bn or self.frozen_bn_steps >= self.steps):
+      _fail("frozen_bn_steps", f"needs BN with batch statistics (--bn {self.bn}) and fewer steps than --steps ({self.steps})")
+    if self.eval_batch_stats and not batch_bn:
+      _fail("eval_batch_stats", f"needs BN that normalizes with batch statistics, got --bn {self.bn}")
     if self.population_batches and not BN_MODES[self.bn].has_population_statistics:
       _fail("population_batches", f"needs --bn per-device or sync (BN's training statistics), got --bn {self.bn}")
     if not 0 <= self.weight_ema < 1:
@@ -267,6 +285,27 @@ class Config:
         "checkpoint_every",
         f"expected a positive multiple of --eval-every ({self.eval_every}), got {self.checkpoint_every}",
       )
+
+  def _check_fine_tuning(self):
+    spec = MODELS[self.model]
+    for name in ("init_from", "torch_padding", "freeze_stages"):
+      if getattr(self, name) and spec.torch_names is None:
+        _fail(name, f"needs a model with a torchvision twin (resnet18, resnet34, resnet50), got --model {self.model}")
+    if self.init_from and BN_MODES[self.bn].layer is None:
+      _fail("init_from", "PyTorch's ResNets have BN: give a BN mode (--bn frozen, sync, per-device), not --bn none")
+    if self.torch_padding is None:
+      self.torch_padding = bool(self.init_from)
+    if self.freeze_stages is not None:
+      _positive_int("freeze_stages", self.freeze_stages, zero=True)
+      stages = pretrained.stage_count(spec.torch_names(spec.build(self, None, 1, "float32")))
+      if self.freeze_stages > stages:
+        _fail("freeze_stages", f"{self.model} has {stages} stages, got {self.freeze_stages}")
+    if not math.isfinite(self.lr_backbone_scale) or self.lr_backbone_scale < 0:
+      _fail("lr_backbone_scale", f"expected a finite number >= 0, got {self.lr_backbone_scale}")
+    if self.lr_backbone_scale != 1 and spec.torch_names is None:
+      _fail("lr_backbone_scale", f"needs a model whose classifier is known (resnet18/34/50), got --model {self.model}")
+    if self.freeze_bn_affine and (BN_MODES[self.bn].layer is None or BN_MODES[self.bn].batch_statistics):
+      _fail("freeze_bn_affine", f"needs --bn frozen, got --bn {self.bn}")
 
   def global_batch(self, num_devices: int) -> int:
     """Examples per step over all devices; ConfigError if they do not split evenly."""

@@ -30,7 +30,7 @@ from trainer.evaluation import Evaluator
 from trainer.input import DeviceFeed, Pixels, StreamFeed, local_rows, plan_batches
 from trainer.parallel import Parallel, make_parallel
 from trainer.preemption import Preempted, StopSignals
-from trainer.state import TrainState, create_train_state, make_model, make_optimizer
+from trainer.state import TrainState, create_train_state, initialize_from_torch, make_model, make_optimizer
 
 __all__ = ["CheckpointError", "NonFiniteLossError", "Preempted", "setup_devices", "train_and_evaluate"]
 
@@ -87,6 +87,7 @@ class Run:
   config: Config
   out: Path
   primary: bool  # this process writes the run's files
+  num_classes: int
   parallel: Parallel
   open_feed: Any  # start step -> the training input (DeviceFeed or StreamFeed)
   evaluator: Evaluator
@@ -141,6 +142,7 @@ def set_up(config: Config, devices) -> tuple[Run, TrainState]:
     config=config,
     out=out,
     primary=jax.process_index() == 0,
+    num_classes=data.num_classes,
     parallel=parallel,
     open_feed=open_feed,
     evaluator=evaluator,
@@ -183,6 +185,10 @@ def restore(run: Run, fresh: TrainState) -> Start | dict:
     if resume_step >= config.steps:
       return rundir.Metrics(run.out / "metrics.jsonl", resume_step, enabled=False).last
     state = checkpoints.restore(resume_step, fresh)
+  elif config.init_from:
+    state, notes = initialize_from_torch(config, fresh, run.num_classes)
+    for note in notes if run.primary else ():
+      print(note, file=sys.stderr, flush=True)
   if run.primary:
     rundir.write_config(config)  # on resume only --steps can have changed
     run.write_data_info()

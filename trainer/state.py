@@ -16,12 +16,20 @@ import optax
 from flax import linen as nn
 from flax import struct
 
+from trainer import pretrained
 from trainer.bn_modes import BN_MODES
 from trainer.config import STEP_DECAY_AT, Config
 from trainer.models import MODELS
 from trainer.parallel import STYLES
 
-__all__ = ["TrainState", "create_train_state", "learning_rate", "make_model", "make_optimizer"]
+__all__ = [
+  "TrainState",
+  "create_train_state",
+  "initialize_from_torch",
+  "learning_rate",
+  "make_model",
+  "make_optimizer",
+]
 
 
 class TrainState(struct.PyTreeNode):
@@ -49,7 +57,7 @@ def make_model(config: Config, num_classes: int = 10, num_devices: int | None = 
     groups = config.normalization_groups(num_devices)
     if config.accumulate_steps > 1:
       momentum = 0.0  # a pass leaves the micro-batch's moments; the step updates once (`steps.Accumulation`)
-  norm = mode.norm(momentum, STYLES[config.parallel].local, groups, placed=num_devices is not None)
+  norm = mode.norm(momentum, STYLES[config.parallel].local, groups, placed=num_devices is not None, config=config)
   return MODELS[config.model].build(config, norm, num_classes, jnp.dtype(config.dtype))
 
 
@@ -75,14 +83,47 @@ def _decayed(params):
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
+  """The configured optimizer; for fine-tuning (--freeze-stages, --lr-backbone-scale) one
+  per part of the model: frozen (no update, no decay), backbone (x S), head."""
   lr = learning_rate(config)
   if config.optimizer == "adam":
     update = optax.adam(lr)
   else:
     update = optax.sgd(lr, momentum=0.9 if config.optimizer == "momentum" else None, nesterov=bool(config.nesterov))
-  if not config.weight_decay:
-    return update
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decayed), update)
+  if config.weight_decay:
+    update = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decayed), update)
+  if config.freeze_stages is None and config.lr_backbone_scale == 1:
+    return update  # the optimizer state of runs without fine-tuning flags is unchanged
+  parts = {"head": update, "backbone": optax.chain(update, optax.scale(config.lr_backbone_scale))}
+  return optax.multi_transform({**parts, "frozen": optax.set_to_zero()}, _model_parts(config))
+
+
+def _model_parts(config: Config):
+  """params -> "frozen", "backbone" or "head" per leaf, by the PyTorch stage of its module."""
+  spec = MODELS[config.model]
+  names = spec.torch_names(spec.build(config, None, 1, jnp.float32))
+  frozen_through = -1 if config.freeze_stages is None else config.freeze_stages
+
+  def part(path, _):
+    stage = pretrained.stage_of(names[tuple(key.key for key in path[:-1])])
+    if stage is None:
+      return "head"
+    return "frozen" if stage <= frozen_through else "backbone"
+
+  return lambda params: jax.tree_util.tree_map_with_path(part, params)
+
+
+def initialize_from_torch(config: Config, state: TrainState, num_classes: int) -> tuple[TrainState, list[str]]:
+  """`state` with the weights of --init-from (`trainer.pretrained`), and the notes to show."""
+  spec = MODELS[config.model]
+  names = spec.torch_names(make_model(config, num_classes))
+  fresh = {"params": state.params, "batch_stats": state.batch_stats}
+  loaded, notes = pretrained.from_torch(pretrained.read_state_dict(config.init_from), fresh, names, config.init_from)
+  params, batch_stats = (jax.tree.map(jnp.asarray, loaded[c]) for c in ("params", "batch_stats"))
+  state = state.replace(params=params, batch_stats=batch_stats)
+  if config.weight_ema:
+    state = state.replace(ema_params=params, ema_batch_stats=batch_stats)
+  return state, notes
 
 
 def create_train_state(

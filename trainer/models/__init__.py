@@ -21,7 +21,7 @@ from flax import linen as nn
 
 from trainer.models.inception import InceptionNet
 from trainer.models.mlp import MLP
-from trainer.models.resnet import ResNet18, ResNet20, ResNet32, ResNet34, ResNet50, ResNet56
+from trainer.models.resnet import ResNet18, ResNet20, ResNet32, ResNet34, ResNet50, ResNet56, torch_module_names
 
 __all__ = ["ACTIVATIONS", "MLP", "MODELS", "InceptionNet", "ModelSpec"]
 
@@ -32,13 +32,17 @@ ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
 class ModelSpec:
   """build(config, norm, num_classes, dtype) -> the Linen module; recipe: flag defaults;
   augment: the --augment it trains with unless told (None: chosen by image size);
-  metrics: tracked values of the test examples (the model's `extras`) -> extra metrics."""
+  metrics: tracked values of the test examples (the model's `extras`) -> extra metrics;
+  torch_names: the built model -> {flax module path: PyTorch module name} for a model
+  with a torchvision/timm twin (--init-from, --freeze-stages, --lr-backbone-scale:
+  PyTorch's `layerN` names its stages, `fc` its head); None: no such twin."""
 
   build: Callable[[Any, Any, int, Any], nn.Module]
   recipe: dict[str, Any]
   summary: str
   augment: str | None = None
   metrics: Callable[[np.ndarray], dict[str, float]] | None = None
+  torch_names: Callable[[nn.Module], dict[tuple[str, ...], str]] | None = None
 
 
 PERCENTILES = (15, 50, 85)  # of the tracked input to one sigmoid of the MLP's last hidden layer
@@ -111,6 +115,19 @@ def _resnet(cls):
   return build
 
 
+def _imagenet_resnet(cls):
+  def build(c, norm, num_classes, dtype):
+    return cls(
+      norm=norm,
+      num_classes=num_classes,
+      dtype=dtype,
+      zero_init_residual=c.zero_init_residual,
+      torch_padding=c.torch_padding,
+    )
+
+  return build
+
+
 MODELS: dict[str, ModelSpec] = {
   "mlp": ModelSpec(
     _mlp,
@@ -128,7 +145,17 @@ MODELS: dict[str, ModelSpec] = {
   "resnet20": ModelSpec(_resnet(ResNet20), CIFAR_RESNET, "CIFAR ResNet-20 (He et al. 2016 §4.2; 0.27M parameters)"),
   "resnet32": ModelSpec(_resnet(ResNet32), CIFAR_RESNET, "CIFAR ResNet-32 (0.46M parameters)"),
   "resnet56": ModelSpec(_resnet(ResNet56), CIFAR_RESNET, "CIFAR ResNet-56 (0.85M parameters)"),
-  "resnet18": ModelSpec(_resnet(ResNet18), IMAGENET_RESNET, "ResNet-18 v1.5 (ImageNet; flax's examples/imagenet)"),
-  "resnet34": ModelSpec(_resnet(ResNet34), IMAGENET_RESNET, "ResNet-34 v1.5"),
-  "resnet50": ModelSpec(_resnet(ResNet50), IMAGENET_RESNET, "ResNet-50 v1.5 (flax's examples/imagenet variables)"),
+  "resnet18": ModelSpec(
+    _imagenet_resnet(ResNet18),
+    IMAGENET_RESNET,
+    "ResNet-18 v1.5 (ImageNet; flax's examples/imagenet; torchvision/timm weights load)",
+    torch_names=torch_module_names,
+  ),
+  "resnet34": ModelSpec(_imagenet_resnet(ResNet34), IMAGENET_RESNET, "ResNet-34 v1.5", torch_names=torch_module_names),
+  "resnet50": ModelSpec(
+    _imagenet_resnet(ResNet50),
+    IMAGENET_RESNET,
+    "ResNet-50 v1.5 (flax's examples/imagenet variables)",
+    torch_names=torch_module_names,
+  ),
 }

@@ -16,6 +16,12 @@ the shape changes. Variable names follow flax's example, so its checkpoints load
 
 With `zero_init_residual` the last BN of each block starts with scale 0, so every
 block starts as the identity (Goyal et al. 2017).
+
+With `torch_padding` the ImageNet ResNets pad as torchvision and timm do: every
+convolution by kernel // 2 on each side and the stem's max pooling by 1 (flax's
+'SAME' pads a stride-2 layer on an even input by 0 before and 1 after, which
+shifts the sampling grid by one pixel). A model loaded from PyTorch weights must
+compute with it; `torch_module_names` maps its variables to PyTorch's.
 """
 
 from __future__ import annotations
@@ -101,9 +107,13 @@ class _Net(nn.Module):
   dtype: Any = jnp.float32
   zero_init_residual: bool = True
 
+  torch_padding: bool = False
+
   def layers(self, train: bool):
     """conv and norm factories for this call (a plain conv bias replaces BN's beta without BN)."""
     conv = functools.partial(nn.Conv, use_bias=self.norm is None, dtype=self.dtype, padding="SAME")
+    if self.torch_padding:
+      conv = functools.partial(_symmetric_padding, conv)
     if self.norm is None:
       return conv, lambda name, **_: _Identity(name=name)
     return conv, functools.partial(self.norm, use_running_average=not train, dtype=self.dtype)
@@ -111,6 +121,12 @@ class _Net(nn.Module):
   def head(self, x):
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="Dense_0")(x).astype(jnp.float32), {}
+
+
+def _symmetric_padding(conv, features, kernel_size, *args, **kwargs):
+  """A convolution padded by kernel // 2 on each side, as PyTorch's ResNets are."""
+  kwargs.setdefault("padding", [(k // 2, k // 2) for k in kernel_size])
+  return conv(features, kernel_size, *args, **kwargs)
 
 
 class _Identity(nn.Module):
@@ -149,7 +165,7 @@ class ResNet(_Net):
     x = x.astype(self.dtype)
     x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
     x = nn.relu(norm(name="bn_init")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)) if self.torch_padding else "SAME")
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
         strides = 2 if i > 0 and j == 0 else 1
@@ -166,3 +182,31 @@ ResNet56 = functools.partial(CifarResNet, blocks_per_stage=9)
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)
+
+
+# PyTorch's module names (torchvision's and timm's ResNets share them) of the
+# variables in one residual block.
+_TORCH_BLOCK_NAMES = {
+  "Conv_0": "conv1",
+  "BatchNorm_0": "bn1",
+  "Conv_1": "conv2",
+  "BatchNorm_1": "bn2",
+  "Conv_2": "conv3",
+  "BatchNorm_2": "bn3",
+  "conv_proj": "downsample.0",
+  "norm_proj": "downsample.1",
+}
+
+
+def torch_module_names(model: ResNet) -> dict[tuple[str, ...], str]:
+  """The ImageNet ResNet's modules (flax paths) -> torchvision's / timm's module names:
+  conv_init -> conv1, bn_init -> bn1, the j-th block of stage i -> layer{i+1}.{j}
+  (its Conv_0 -> conv1, ..., conv_proj/norm_proj -> downsample.0/1), Dense_0 -> fc."""
+  names = {("conv_init",): "conv1", ("bn_init",): "bn1", ("Dense_0",): "fc"}
+  block = 0
+  for stage, size in enumerate(model.stage_sizes):
+    for j in range(size):
+      for inner, torch_name in _TORCH_BLOCK_NAMES.items():
+        names[(f"{model.block_cls.__name__}_{block}", inner)] = f"layer{stage + 1}.{j}.{torch_name}"
+      block += 1
+  return names
