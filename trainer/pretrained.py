@@ -172,23 +172,28 @@ def from_torch(
   taken from the PyTorch `state_dict`, and the notes to show (a classifier for
   another class count, or none in the file, stays freshly initialised). ConfigError
   naming the first missing, extra or mis-shaped tensor."""
+  modules = [(flax_path, torch_name, module, _expected(module)) for flax_path, torch_name, module in _modules(
+    variables["params"], names)]  # fmt: skip
+  notes: list[str] = []
+  fresh_head = [torch_name == HEAD and _replaced_head(state_dict, expected, notes, path) for _, torch_name, _, expected
+                in modules]  # fmt: skip
+  wanted = [f"{name}.{suffix}" for (_, name, _, expected), fresh in zip(modules, fresh_head, strict=True)
+            if not fresh for suffix in expected]  # fmt: skip
+  missing = [key for key in wanted if key not in state_dict]
+  if missing:
+    _fail(path, f"missing {missing[0]} (and {len(missing) - 1} more tensors of the model); {_describe(state_dict)}")
+  extra = sorted(set(state_dict) - set(wanted) - {f"{HEAD}.weight", f"{HEAD}.bias"})
+  if extra:
+    _fail(path, f"unexpected tensor {extra[0]} (and {len(extra) - 1} more) for this model; {_describe(state_dict)}")
   loaded: dict[str, Any] = {"params": {}, "batch_stats": {}}
-  used, notes = set(), []
-  for flax_path, torch_name, module in _modules(variables["params"], names):
-    expected = _expected(module)
-    keys = {suffix: f"{torch_name}.{suffix}" for suffix in expected}
-    if torch_name == HEAD and _replaced_head(state_dict, keys, expected, notes, path):
-      used.update(k for k in keys.values() if k in state_dict)
+  for (flax_path, torch_name, module, expected), fresh in zip(modules, fresh_head, strict=True):
+    if fresh:
       _set(loaded["params"], flax_path, dict(module))
       continue
-    missing = [key for key in keys.values() if key not in state_dict]
-    if missing:
-      _fail(path, f"missing {missing[0]} (and {len(missing) - 1} more tensors of the model); {_describe(state_dict)}")
-    for suffix, key in keys.items():
-      if state_dict[key].shape != expected[suffix]:
-        _fail(path, f"{key} has shape {state_dict[key].shape}, the model expects {expected[suffix]}")
-    used.update(keys.values())
-    tensors = {suffix: state_dict[key] for suffix, key in keys.items()}
+    tensors = {suffix: state_dict[f"{torch_name}.{suffix}"] for suffix in expected}
+    for suffix, tensor in tensors.items():
+      if tensor.shape != tuple(expected[suffix]):
+        _fail(path, f"{torch_name}.{suffix} has shape {tensor.shape}, the model expects {tuple(expected[suffix])}")
     if "scale" in module:
       bn, _ = pytorch.from_torch_bn(*(tensors[s] for s in BN_TENSORS))
       _set(loaded["params"], flax_path, bn["params"])
@@ -197,25 +202,22 @@ def from_torch(
       _set(loaded["params"], flax_path, {"kernel": tensors["weight"].transpose(2, 3, 1, 0)})
     else:
       _set(loaded["params"], flax_path, {"kernel": tensors["weight"].T, "bias": tensors["bias"]})
-  extra = sorted(set(state_dict) - used)
-  if extra:
-    _fail(path, f"unexpected tensor {extra[0]} (and {len(extra) - 1} more) for this model; {_describe(state_dict)}")
   return loaded, notes
 
 
-def _replaced_head(state_dict, keys, expected, notes, path) -> bool:
+def _replaced_head(state_dict, expected, notes, path) -> bool:
   """Whether the classifier stays fresh: the file has none, or one for another class count."""
-  weight = state_dict.get(keys["weight"])
-  if weight is None and keys["bias"] not in state_dict:
+  weight = state_dict.get(f"{HEAD}.weight")
+  if weight is None and f"{HEAD}.bias" not in state_dict:
     notes.append(f"--init-from {path}: the file has no classifier ({HEAD}.*): the head is freshly initialised")
     return True
-  if weight is not None and weight.ndim == 2 and weight.shape[1] == expected["weight"][1]:
-    if weight.shape[0] != expected["weight"][0]:
-      notes.append(
-        f"--init-from {path}: the file's classifier has {weight.shape[0]} classes, the data "
-        f"{expected['weight'][0]}: {HEAD}.weight and {HEAD}.bias replaced by a freshly initialised head"
-      )
-      return True
+  classes, features = expected["weight"]
+  if weight is not None and weight.shape[1:] == (features,) and weight.shape[0] != classes:
+    notes.append(
+      f"--init-from {path}: the file's classifier has {weight.shape[0]} classes, the data {classes}: "
+      f"{HEAD}.weight and {HEAD}.bias replaced by a freshly initialised head"
+    )
+    return True
   return False
 
 
