@@ -13,7 +13,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(PYENV_ROOT)/versions/$(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -V | tail -n 1)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast test-newest lint docs data train reproduce report bench bench-device compare-device
+.PHONY: env test test-fast test-newest lint docs data train reproduce finetune report bench bench-device compare-device
 
 env: $(STAMP)
 
@@ -71,16 +71,24 @@ train: data
 # 1/2: their one-device runs and evaluations leave a core free). Finished runs are
 # skipped, interrupted ones resume.
 reproduce: data
-	$(PY) experiments/run.py --size full --only e1,e1_sweep,e2,e3
+	$(PY) experiments/run.py --size full --only e1,e1_sweep,e2,e3,e5
 	for comparison in e4 e4_long; do \
 	  $(PY) experiments/run.py --size full --only $$comparison --shard 1/2 & stream=$$!; \
 	  $(PY) experiments/run.py --size full --only $$comparison --shard 0/2 || exit 1; \
 	  wait $$stream || exit 1; done
 	$(PY) experiments/report.py --size full
 
+# Fine-tuning from PyTorch-layout weights (issue 28): pretrain ResNet-18 on five
+# Fashion-MNIST classes, export it as a torchvision state dict, fine-tune on the
+# other five with BN frozen, synced, per device and from scratch (about 2 hours
+# on 2 CPU cores) -> reports/full/finetune.md
+finetune: data
+	$(PY) experiments/finetune.py --runs runs/finetune
+
 # Re-draw the committed full report from its metrics files, no training.
 report: $(STAMP)
 	$(PY) experiments/report.py --size full
+	$(PY) experiments/finetune.py --report-only
 
 # Headline numbers: the environment users have. Then the BN layer again with
 # glibc's malloc told to keep freed 32 MB buffers (without it, returning them

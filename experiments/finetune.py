@@ -20,7 +20,6 @@ reports/full/finetune.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess

@@ -580,29 +580,8 @@ def normalize(
   if o.batch_groups is not None:
     return _grouped_batch_norm(x, params, stats, faxes, o, training=training, mask=mask)
   check_hyperparameters(o.momentum, o.epsilon)
-  if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
-    raise ValueError(
-      f"stats: expected a dict with keys 'mean' and 'var', got "
-      f"{sorted(stats) if isinstance(stats, dict) else type(stats).__name__}."
-    )
-  params = {} if params is None else params
-  unknown = set(params) - {"scale", "bias"}
-  if unknown:
-    raise ValueError(f"params: unexpected keys {sorted(unknown)}; expected 'scale' and/or 'bias'.")
   stat_dtype = _stat_dtype(x.dtype)
-  running_mean = check_feature_array(stats["mean"], 'stats["mean"]', fshape)
-  running_var = check_feature_array(stats["var"], 'stats["var"]', fshape)
-  param_dtype = jnp.result_type(*params.values()) if params else stat_dtype
-  scale = (
-    check_feature_array(params["scale"], 'params["scale"]', fshape)
-    if "scale" in params
-    else jnp.ones(fshape, param_dtype)
-  )
-  bias = (
-    check_feature_array(params["bias"], 'params["bias"]', fshape)
-    if "bias" in params
-    else jnp.zeros(fshape, param_dtype)
-  )
+  running_mean, running_var, scale, bias = _checked_variables(params, stats, fshape, stat_dtype)
   mask = check_mask(mask, x.shape)
   out_dtype = jnp.dtype(x.dtype if o.dtype is None else o.dtype)
 
@@ -621,24 +600,61 @@ def normalize(
     groups=_canonical_groups(o.axis_index_groups),
     out_dtype=out_dtype,
   )
-  renorm = None
-  if o.renorm is not None:
-    if jnp.iscomplexobj(x):
-      raise TypeError(f"x: Batch Renormalization expects real input, got dtype {x.dtype}.")
-    reference = {"mean": running_mean, "var": running_var} if o.renorm.reference is None else o.renorm.reference
-    if o.renorm.stats_axis_name is not None:
-      check_axis_name(o.renorm.stats_axis_name)
-      reference = pool_stats(reference, o.renorm.stats_axis_name)
-    reference = {k: jnp.broadcast_to(v, fshape) for k, v in reference.items()}
-    renorm = (
-      reference["mean"],
-      reference["var"],
-      jnp.asarray(o.renorm.r_max, stat_dtype),
-      jnp.asarray(o.renorm.d_max, stat_dtype),
-    )
+  renorm = None if o.renorm is None else _renorm_reference(o.renorm, x, running_mean, running_var, fshape)
   y, batch = _train(cfg, x, scale, bias, mask, renorm)
-  batch = jax.tree.map(lax.stop_gradient, batch)
+  return y, _updated_running_stats(o, running_mean, running_var, jax.tree.map(lax.stop_gradient, batch))
 
+
+def _checked_variables(params, stats, fshape, stat_dtype):
+  """(running mean, running var, scale, bias) of feature shape; a missing scale is 1, bias 0.
+  ValueError naming the argument for a wrong key or shape."""
+  if not isinstance(stats, dict) or set(stats) != {"mean", "var"}:
+    raise ValueError(
+      f"stats: expected a dict with keys 'mean' and 'var', got "
+      f"{sorted(stats) if isinstance(stats, dict) else type(stats).__name__}."
+    )
+  params = {} if params is None else params
+  unknown = set(params) - {"scale", "bias"}
+  if unknown:
+    raise ValueError(f"params: unexpected keys {sorted(unknown)}; expected 'scale' and/or 'bias'.")
+  running_mean = check_feature_array(stats["mean"], 'stats["mean"]', fshape)
+  running_var = check_feature_array(stats["var"], 'stats["var"]', fshape)
+  param_dtype = jnp.result_type(*params.values()) if params else stat_dtype
+  scale = (
+    check_feature_array(params["scale"], 'params["scale"]', fshape)
+    if "scale" in params
+    else jnp.ones(fshape, param_dtype)
+  )
+  bias = (
+    check_feature_array(params["bias"], 'params["bias"]', fshape)
+    if "bias" in params
+    else jnp.zeros(fshape, param_dtype)
+  )
+  return running_mean, running_var, scale, bias
+
+
+def _renorm_reference(renorm: Renorm, x, running_mean, running_var, fshape):
+  """Batch Renorm's (reference mean, reference var, r_max, d_max): the running statistics,
+  or the given reference, pooled over `stats_axis_name` when set."""
+  if jnp.iscomplexobj(x):
+    raise TypeError(f"x: Batch Renormalization expects real input, got dtype {x.dtype}.")
+  reference = {"mean": running_mean, "var": running_var} if renorm.reference is None else renorm.reference
+  if renorm.stats_axis_name is not None:
+    check_axis_name(renorm.stats_axis_name)
+    reference = pool_stats(reference, renorm.stats_axis_name)
+  reference = {k: jnp.broadcast_to(v, fshape) for k, v in reference.items()}
+  stat_dtype = _stat_dtype(x.dtype)
+  return (
+    reference["mean"],
+    reference["var"],
+    jnp.asarray(renorm.r_max, stat_dtype),
+    jnp.asarray(renorm.d_max, stat_dtype),
+  )
+
+
+def _updated_running_stats(o: BNOptions, running_mean, running_var, batch) -> dict[str, jax.Array]:
+  """The moving average of the running statistics toward the batch's (unbiased on request;
+  kept where the batch's are not finite with `skip_nonfinite`)."""
   batch_var = batch.var
   if o.unbiased:
     batch_var = batch_var * batch.count / jnp.maximum(batch.count - 1, 1)
@@ -653,8 +669,7 @@ def normalize(
   mean_dtype = (
     jnp.promote_types(running_mean.dtype, batch.mean.dtype) if jnp.iscomplexobj(batch.mean) else running_mean.dtype
   )
-  new_stats = {"mean": new_mean.astype(mean_dtype), "var": new_var.astype(running_var.dtype)}
-  return y, new_stats
+  return {"mean": new_mean.astype(mean_dtype), "var": new_var.astype(running_var.dtype)}
 
 
 def _grouped_batch_norm(x, params, stats, faxes, options: BNOptions, *, training, mask):

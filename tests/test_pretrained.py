@@ -95,7 +95,10 @@ def test_export_is_the_inverse_of_import():
 def test_files_read_without_pickle_and_a_data_parallel_prefix_goes(tmp_path):
   state_dict = random_state_dict(read_fixture("resnet18")[0])
   path = tmp_path / "w.safetensors"
-  save_file({"module." + k: v for k, v in state_dict.items()} | {"module.bn1.num_batches_tracked": np.asarray(3, np.int64)}, path)
+  save_file(
+    {"module." + k: v for k, v in state_dict.items()} | {"module.bn1.num_batches_tracked": np.asarray(3, np.int64)},
+    path,
+  )
   read = pretrained.read_state_dict(path)
   assert set(read) == set(state_dict)
   for key, value in state_dict.items():
@@ -136,9 +139,15 @@ def _with(state_dict, drop=(), add=None, reshape=None):
 @pytest.mark.parametrize(
   "change, message",
   [
-    (dict(drop=("layer3.1.conv2.weight",)), "missing layer3.1.conv2.weight (and 0 more tensors of the model); "
-     "the file holds a ResNet with basic blocks (2, 2, 2, 2) per stage"),  # fmt: skip
-    (dict(add={"layer5.0.conv1.weight": np.zeros((1, 1, 1, 1), np.float32)}), "unexpected tensor layer5.0.conv1.weight"),
+    (
+      dict(drop=("layer3.1.conv2.weight",)),
+      "missing layer3.1.conv2.weight (and 0 more tensors of the model); "
+      "the file holds a ResNet with basic blocks (2, 2, 2, 2) per stage",
+    ),
+    (
+      dict(add={"layer5.0.conv1.weight": np.zeros((1, 1, 1, 1), np.float32)}),
+      "unexpected tensor layer5.0.conv1.weight",
+    ),
     (dict(reshape="layer2.0.bn1.running_var"), "layer2.0.bn1.running_var has shape (127,), the model expects (128,)"),
   ],
 )
@@ -151,7 +160,9 @@ def test_a_wrong_tensor_is_one_line_naming_it(change, message):
 
 def test_resnet50_weights_for_resnet18_name_what_the_file_holds():
   model, fresh = _fresh18()
-  expected = r"^--init-from w: unexpected tensor layer1\.0\.bn3\.bias \(and 164 more\) .*bottleneck blocks \(3, 4, 6, 3\)"
+  expected = (
+    r"^--init-from w: unexpected tensor layer1\.0\.bn3\.bias \(and 164 more\) .*bottleneck blocks \(3, 4, 6, 3\)"
+  )
   with pytest.raises(ConfigError, match=expected):
     pretrained.from_torch(random_state_dict(read_fixture("resnet50")[0]), fresh, torch_module_names(model), "w")
 

@@ -249,7 +249,10 @@ class Config:
         _fail("bn_group_size", f"needs --bn per-device or renorm (normalization per group), got --bn {self.bn}")
     batch_bn = BN_MODES[self.bn].batch_statistics
     if self.frozen_bn_steps and (not batch_bn or self.frozen_bn_steps >= self.steps):
-      _fail("frozen_bn_steps", f"needs BN with batch statistics (--bn {self.bn}) and fewer steps than --steps ({self.steps})")
+      _fail(
+        "frozen_bn_steps",
+        f"needs BN with batch statistics (--bn {self.bn}) and fewer steps than --steps ({self.steps})",
+      )
     if self.eval_batch_stats and not batch_bn:
       _fail("eval_batch_stats", f"needs BN that normalizes with batch statistics, got --bn {self.bn}")
     if self.population_batches and not BN_MODES[self.bn].has_population_statistics:

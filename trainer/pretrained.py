@@ -80,13 +80,15 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
     _fail(
       path,
       "a PyTorch pickle, which train.py reads only with torch's weights_only loader, and torch is not installed: "
-      "install torch, or convert the file where torch is: python -c \"import torch, safetensors.torch as s; "
+      'install torch, or convert the file where torch is: python -c "import torch, safetensors.torch as s; '
       f"s.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\"",
     )
   try:
     loaded = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as error:
-    _fail(path, f"torch.load(weights_only=True) refused it ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+    _fail(
+      path, f"torch.load(weights_only=True) refused it ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    )
   for wrapper in ("state_dict", "model"):  # training checkpoints wrap the weights
     if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
       loaded = loaded[wrapper]
@@ -144,7 +146,7 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def _expected(module: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
   """The PyTorch tensors (suffix -> shape) of one flax module."""
   if "scale" in module:  # BN
-    return {suffix: module["scale"].shape for suffix in BN_TENSORS}
+    return dict.fromkeys(BN_TENSORS, module["scale"].shape)
   kernel = np.shape(module["kernel"])
   if len(kernel) == 4:  # convolution: (h, w, in, out) <- (out, in, h, w)
     return {"weight": (kernel[3], kernel[2], kernel[0], kernel[1])}
@@ -172,13 +174,13 @@ def from_torch(
   taken from the PyTorch `state_dict`, and the notes to show (a classifier for
   another class count, or none in the file, stays freshly initialised). ConfigError
   naming the first missing, extra or mis-shaped tensor."""
-  modules = [(flax_path, torch_name, module, _expected(module)) for flax_path, torch_name, module in _modules(
-    variables["params"], names)]  # fmt: skip
   notes: list[str] = []
-  fresh_head = [torch_name == HEAD and _replaced_head(state_dict, expected, notes, path) for _, torch_name, _, expected
-                in modules]  # fmt: skip
-  wanted = [f"{name}.{suffix}" for (_, name, _, expected), fresh in zip(modules, fresh_head, strict=True)
-            if not fresh for suffix in expected]  # fmt: skip
+  modules = []  # (flax path, PyTorch name, flax module, expected tensors, keep the fresh head)
+  for flax_path, torch_name, module in _modules(variables["params"], names):
+    expected = _expected(module)
+    fresh = torch_name == HEAD and _replaced_head(state_dict, expected, notes, path)
+    modules.append((flax_path, torch_name, module, expected, fresh))
+  wanted = [f"{name}.{suffix}" for _, name, _, expected, fresh in modules if not fresh for suffix in expected]
   missing = [key for key in wanted if key not in state_dict]
   if missing:
     _fail(path, f"missing {missing[0]} (and {len(missing) - 1} more tensors of the model); {_describe(state_dict)}")
@@ -186,7 +188,7 @@ def from_torch(
   if extra:
     _fail(path, f"unexpected tensor {extra[0]} (and {len(extra) - 1} more) for this model; {_describe(state_dict)}")
   loaded: dict[str, Any] = {"params": {}, "batch_stats": {}}
-  for (flax_path, torch_name, module, expected), fresh in zip(modules, fresh_head, strict=True):
+  for flax_path, torch_name, module, expected, fresh in modules:
     if fresh:
       _set(loaded["params"], flax_path, dict(module))
       continue
@@ -221,7 +223,9 @@ def _replaced_head(state_dict, expected, notes, path) -> bool:
   return False
 
 
-def to_torch(variables: Mapping[str, Any], names: Mapping[tuple[str, ...], str], updates: int = 0) -> dict[str, np.ndarray]:
+def to_torch(
+  variables: Mapping[str, Any], names: Mapping[tuple[str, ...], str], updates: int = 0
+) -> dict[str, np.ndarray]:
   """The inverse of `from_torch`: a state dict torchvision's (or timm's) model loads
   with `load_state_dict(strict=True)`; `updates` becomes BN's `num_batches_tracked`."""
   stats = variables.get("batch_stats", {})
