@@ -243,6 +243,17 @@ class Config:
     _positive_int("population_batches", self.population_batches, zero=True)
     _positive_int("frozen_bn_steps", self.frozen_bn_steps, zero=True)
     self._check_fine_tuning()
+    self._check_bn()
+    self._check_optimization()
+    if self.checkpoint_every is None:
+      self.checkpoint_every = -(-CHECKPOINT_STEPS // self.eval_every) * self.eval_every
+    if self.checkpoint_every < 1 or self.checkpoint_every % self.eval_every:
+      _fail(
+        "checkpoint_every",
+        f"expected a positive multiple of --eval-every ({self.eval_every}), got {self.checkpoint_every}",
+      )
+
+  def _check_bn(self):
     if self.bn_group_size is not None:
       _positive_int("bn_group_size", self.bn_group_size)
       if not BN_MODES[self.bn].per_device:
@@ -263,6 +274,10 @@ class Config:
       _fail("weight_ema_bn", "needs --weight-ema (the averaged weights to score)")
     if self.weight_ema and self.weight_ema_bn != "ema" and not self.population_batches:
       _fail("weight_ema_bn", f"{self.weight_ema_bn} recomputes statistics over --population-batches; give it (>0)")
+    if not 0 <= self.bn_momentum <= 1:
+      _fail("bn_momentum", f"expected a value in [0, 1], got {self.bn_momentum}")
+
+  def _check_optimization(self):
     if self.lr_decay_steps and self.schedule != "constant":
       _fail("lr_decay_steps", f"is the staircase decay of --schedule constant, not --schedule {self.schedule}")
     if self.warmup_steps >= self.steps and self.warmup_steps:
@@ -279,15 +294,6 @@ class Config:
       _fail("label_smoothing", f"expected a value in [0, 1), got {self.label_smoothing}")
     if not 0 <= self.dropout < 1:
       _fail("dropout", f"expected a rate in [0, 1), got {self.dropout}")
-    if not 0 <= self.bn_momentum <= 1:
-      _fail("bn_momentum", f"expected a value in [0, 1], got {self.bn_momentum}")
-    if self.checkpoint_every is None:
-      self.checkpoint_every = -(-CHECKPOINT_STEPS // self.eval_every) * self.eval_every
-    if self.checkpoint_every < 1 or self.checkpoint_every % self.eval_every:
-      _fail(
-        "checkpoint_every",
-        f"expected a positive multiple of --eval-every ({self.eval_every}), got {self.checkpoint_every}",
-      )
 
   def _check_fine_tuning(self):
     spec = MODELS[self.model]

@@ -11,10 +11,12 @@ records, so the E4 page (experiments/reporting/e4.py) and compare.py's report ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 from trainer.compare.format import fixed, half_range, known_mean, mean_spread, save_figure, table
 from trainer.compare.plan import SYNC, order_key
@@ -76,95 +78,140 @@ def verdicts(records: list[dict]) -> list[str]:
   return [f"**{claim}** — {status}: {detail}" for claim, status, detail in claims(records)]
 
 
-def claims(records: list[dict]) -> list[tuple[str, str, str]]:
+Claim = tuple[str, str, str]  # (claim, holds / does not hold / within the seed noise [at sizes], the numbers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Means:
+  """What every claim reads: the table, the seed noise, BN's mean accuracy per size, the reference size."""
+
+  t: Table
+  noise: float
+  mean: dict
+  reference: Any
+  ref_name: str
+
+
+def claims(records: list[dict]) -> list[Claim]:
   """(claim, holds / does not hold / within the seed noise [at sizes], the numbers) per claim."""
   t = Table(records)
   if not t.sizes:
     return []
-  noise = t.noise()
-  mean = {n: t.mean("BN", n) for n in t.sizes}
   reference = t.sizes[-1]  # synced BN when it ran, else the largest size
-  ref_name = "synced BN" if reference == SYNC else f"the largest size run ({reference})"
+  m = _Means(
+    t=t,
+    noise=t.noise(),
+    mean={n: t.mean("BN", n) for n in t.sizes},
+    reference=reference,
+    ref_name="synced BN" if reference == SYNC else f"the largest size run ({reference})",
+  )
+  return [
+    *_small_batches_hurt(m),
+    *_mid_size_matches_sync(m),
+    *_precise_bn_beats_ema(m),
+    *_train_test_inconsistency(m),
+    *_repairs(m),
+  ]
+
+
+def _small_batches_hurt(m: _Means) -> list[Claim]:
+  t, mean, noise = m.t, m.mean, m.noise
   smallest = t.sizes[0]
   best = max(t.sizes, key=lambda n: mean[n])
   # the smallest size from which every size up to the best is within the noise of the best
   top = t.sizes.index(best)
   recovered = next(
-    n for i, n in enumerate(t.sizes[: top + 1]) if all(mean[m] >= mean[best] - noise for m in t.sizes[i : top + 1])
+    n for i, n in enumerate(t.sizes[: top + 1]) if all(mean[k] >= mean[best] - noise for k in t.sizes[i : top + 1])
   )
-  out = [
+  return [
     (
       "Small normalization batches hurt",
-      _status(mean[reference] - mean[smallest], noise),
+      _status(mean[m.reference] - mean[smallest], noise),
       f"{_at(mean)}; from {recovered} up to {best} every size is within {fixed(noise, 4)} (twice the median seed "
       f"spread, at least {MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best}).",
     )
   ]
-  mid = [n for n in t.sizes if n != SYNC and n >= 16 and n != reference]
-  if mid:
-    top = max(mid, key=lambda n: mean[n])
-    diff = mean[top] - mean[reference]
-    word = "beats" if diff > noise else ("matches" if diff >= -noise else "is below")
-    status = "holds" if diff >= -noise else "does not hold"
-    out.append(
-      (
-        "A mid-size normalization batch matches or beats synced BN (Page, Composer)",
-        status,
-        f"the best of {', '.join(map(str, mid))} ({fixed(mean[top], 4)} at {top}) {word} {ref_name} "
-        f"({fixed(mean[reference], 4)}; difference {fixed(diff, 4)}).",
-      )
+
+
+def _mid_size_matches_sync(m: _Means) -> list[Claim]:
+  mean, noise, reference = m.mean, m.noise, m.reference
+  mid = [n for n in m.t.sizes if n != SYNC and n >= 16 and n != reference]
+  if not mid:
+    return []
+  top = max(mid, key=lambda n: mean[n])
+  diff = mean[top] - mean[reference]
+  word = "beats" if diff > noise else ("matches" if diff >= -noise else "is below")
+  return [
+    (
+      "A mid-size normalization batch matches or beats synced BN (Page, Composer)",
+      "holds" if diff >= -noise else "does not hold",
+      f"the best of {', '.join(map(str, mid))} ({fixed(mean[top], 4)} at {top}) {word} {m.ref_name} "
+      f"({fixed(mean[reference], 4)}; difference {fixed(diff, 4)}).",
     )
+  ]
+
+
+def _precise_bn_beats_ema(m: _Means) -> list[Claim]:
+  t, mean, noise = m.t, m.mean, m.noise
   pooled = {n: t.mean("BN", n, "precise_pooled") for n in t.sizes}
   paper = {n: t.mean("BN", n, "precise_paper") for n in t.sizes}
   gains = {n: pooled[n] - mean[n] for n in t.sizes if not math.isnan(pooled[n])}
-  if gains:
-    ahead = [n for n, g in gains.items() if g > noise]
-    behind = [n for n, g in gains.items() if g < -noise]
-    quiet = "does not hold" if behind else "within the seed noise"
-    status = "holds at " + ", ".join(map(str, ahead)) if ahead else quiet
-    large = [n for n in gains if (n == SYNC or n >= 32) and len([v for v in t.values("BN", n) if v is not None]) > 1]
-    spread = (
-      f" EMA noisy at large normalization batches: half the seed range at {', '.join(map(str, large))} averages "
-      f"{fixed(known_mean([half_range(t.values('BN', n)) for n in large]), 4)} with EMA, "
-      f"{fixed(known_mean([half_range(t.values('BN', n, 'precise_pooled')) for n in large]), 4)} with pooled "
-      "PreciseBN."
-      if large
-      else ""
+  if not gains:
+    return []
+  ahead = [n for n, g in gains.items() if g > noise]
+  behind = [n for n, g in gains.items() if g < -noise]
+  quiet = "does not hold" if behind else "within the seed noise"
+  status = "holds at " + ", ".join(map(str, ahead)) if ahead else quiet
+  large = [n for n in gains if (n == SYNC or n >= 32) and len([v for v in t.values("BN", n) if v is not None]) > 1]
+  spread = (
+    f" EMA noisy at large normalization batches: half the seed range at {', '.join(map(str, large))} averages "
+    f"{fixed(known_mean([half_range(t.values('BN', n)) for n in large]), 4)} with EMA, "
+    f"{fixed(known_mean([half_range(t.values('BN', n, 'precise_pooled')) for n in large]), 4)} with pooled "
+    "PreciseBN."
+    if large
+    else ""
+  )
+  return [
+    (
+      "PreciseBN beats the running averages (Wu & Johnson)",
+      status,
+      f"pooled PreciseBN minus EMA {_at(gains)}. Pooled minus the paper's estimator: "
+      f"{_at({n: pooled[n] - paper[n] for n in gains})}.{spread}",
     )
-    out.append(
-      (
-        "PreciseBN beats the running averages (Wu & Johnson)",
-        status,
-        f"pooled PreciseBN minus EMA {_at(gains)}. Pooled minus the paper's estimator: "
-        f"{_at({n: pooled[n] - paper[n] for n in gains})}.{spread}",
-      )
-    )
-  batch = {n: t.mean("BN", n, "batch_stats") - mean[n] for n in t.sizes}
+  ]
+
+
+def _train_test_inconsistency(m: _Means) -> list[Claim]:
+  batch = {n: m.t.mean("BN", n, "batch_stats") - m.mean[n] for n in m.t.sizes}
   batch = {n: d for n, d in batch.items() if not math.isnan(d)}
-  if batch:
-    out.append(
-      (
-        "Train–test inconsistency at small batches (Wu & Johnson: at a small normalization batch, the test "
-        "batch's own statistics beat the running averages)",
-        f"{_status(batch[smallest], noise)} at {smallest}",
-        f"test-batch statistics minus EMA {_at(batch)}.",
-      )
+  if not batch:
+    return []
+  smallest = m.t.sizes[0]
+  return [
+    (
+      "Train–test inconsistency at small batches (Wu & Johnson: at a small normalization batch, the test "
+      "batch's own statistics beat the running averages)",
+      f"{_status(batch[smallest], m.noise)} at {smallest}",
+      f"test-batch statistics minus EMA {_at(batch)}.",
     )
+  ]
+
+
+def _repairs(m: _Means) -> list[Claim]:
+  out = []
   for mode in REPAIR_MARKERS:
-    there = t.sizes_of(mode)
-    if there:
-      diffs = {n: t.mean(mode, n) - mean[n] for n in there}
-      statuses = {n: _status(d, noise, "helps", "hurts") for n, d in diffs.items()}
-      out.append(
-        (
-          f"{mode} repairs small batches",
-          ", ".join(f"{statuses[n]} at {n}" for n in there),
-          "; ".join(
-            f"at {n}: {fixed(t.mean(mode, n), 4)} vs BN's {fixed(mean[n], 4)} ({fixed(diffs[n], 4)})" for n in there
-          )
-          + f"; {ref_name}: {fixed(mean[reference], 4)}.",
-        )
-      )
+    there = m.t.sizes_of(mode)
+    if not there:
+      continue
+    diffs = {n: m.t.mean(mode, n) - m.mean[n] for n in there}
+    statuses = {n: _status(d, m.noise, "helps", "hurts") for n, d in diffs.items()}
+    numbers = "; ".join(
+      f"at {n}: {fixed(m.t.mean(mode, n), 4)} vs BN's {fixed(m.mean[n], 4)} ({fixed(diffs[n], 4)})" for n in there
+    )
+    statuses_text = ", ".join(f"{statuses[n]} at {n}" for n in there)
+    out.append(
+      (f"{mode} repairs small batches", statuses_text, f"{numbers}; {m.ref_name}: {fixed(m.mean[m.reference], 4)}.")
+    )
   return out
 
 

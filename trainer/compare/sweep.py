@@ -133,94 +133,107 @@ def adopted(spec: RunSpec, train_flags: dict, sweep: SweepDir) -> dict:
 def run_all(specs: list[RunSpec], train_flags: dict, sweep: SweepDir, jobs: int, env: dict) -> list[str]:
   """Trains `specs` (jobs at a time), a line per run started and finished and an estimate of the
   time left; returns the names of the runs that failed (their log: DIR/runs/NAME/train.log)."""
-  from tqdm import tqdm
+  return _Runs(specs, train_flags, sweep, jobs, env).run()
 
-  failed: list[str] = []
-  times: list[float] = []  # wall times of the runs finished so far
-  ended: list[str] = []
-  lock = threading.Lock()
-  bar = tqdm(total=len(specs), unit="run", desc="runs", file=sys.stderr, disable=None, dynamic_ncols=True)
 
-  def say(line: str) -> None:
-    with lock:
-      tqdm.write(line, file=sys.stdout)
+class _Runs:
+  """The train.py runs of one sweep, `jobs` at a time: progress lines, the estimate of the time
+  left, and SIGTERM/SIGINT passed on to every running child (each saves its step)."""
+
+  def __init__(self, specs: list[RunSpec], train_flags: dict, sweep: SweepDir, jobs: int, env: dict):
+    from tqdm import tqdm
+
+    self.specs, self.train_flags, self.sweep, self.jobs, self.env = specs, train_flags, sweep, jobs, env
+    self.failed: list[str] = []
+    self.times: list[float] = []  # wall times of the runs finished so far
+    self.ended: list[str] = []
+    self.lock = threading.Lock()
+    self.children: set[subprocess.Popen] = set()
+    self.stopping = threading.Event()
+    self.tqdm = tqdm
+    self.bar = tqdm(total=len(specs), unit="run", desc="runs", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+  def say(self, line: str) -> None:
+    with self.lock:
+      self.tqdm.write(line, file=sys.stdout)
       sys.stdout.flush()
 
-  children: set[subprocess.Popen] = set()
-  stopping = threading.Event()
-
-  def stop(signum, frame):  # SIGTERM/SIGINT: every running train.py saves its step; no new run starts
-    stopping.set()
-    with lock:
-      for child in children:
+  def stop(self, signum, frame):  # every running train.py saves its step; no new run starts
+    self.stopping.set()
+    with self.lock:
+      for child in self.children:
         child.send_signal(signal.SIGTERM)
 
-  def one(spec: RunSpec) -> None:
-    if stopping.is_set():
-      return
-    argv = command(train_flags, spec, sweep)
-    (sweep.runs / spec.name).mkdir(parents=True, exist_ok=True)
-    say(f"start  {spec.name}: python {' '.join(argv)}")
-    commit, start = provenance.commit(), time.time()
-    with open(sweep.runs / spec.name / "train.log", "a") as log:
+  def train(self, spec: RunSpec, argv: list[str]) -> int:
+    """train.py for `spec` (resuming it), its output in its train.log; its exit status."""
+    (self.sweep.runs / spec.name).mkdir(parents=True, exist_ok=True)
+    with open(self.sweep.runs / spec.name / "train.log", "a") as log:
       child = subprocess.Popen(
         [sys.executable, str(TRAIN), *argv[1:], "--resume", "--no-progress"],
         stdout=log,
         stderr=log,
-        env=env,
+        env=self.env,
         start_new_session=True,  # signals reach it through compare.py, once
       )
-      with lock:
-        children.add(child)
+      with self.lock:
+        self.children.add(child)
       child.wait()
-      with lock:
-        children.discard(child)
-    result = child
-    seconds = time.time() - start
-    if result.returncode == 0 and not sweep.finished(spec.name):  # stopped by a signal: it saved its step
-      say(f"stopped {spec.name} after {seconds / 60:.1f} min; it resumes when the command runs again")
-      return
-    with lock:
-      bar.update()
-      ended.append(spec.name)
-      if result.returncode == 0:
-        times.append(seconds)
-      left = len(specs) - len(ended)
-      eta = f"; about {left * (sum(times) / len(times)) / jobs / 60:.1f} min left" if times and left else ""
-      count = f"{len(ended)}/{len(specs)}"
-    if result.returncode != 0:
-      last = _last_line(sweep.runs / spec.name / "train.log")
-      failed.append(spec.name)
-      say(f"FAILED {spec.name} after {seconds:.0f} s (exit {result.returncode}): {last}")
-      return
-    sweep.record(
-      spec.name,
-      {
-        "command": "python " + " ".join(argv),
-        "wall_time_s": round(seconds, 1),
-        "commit": commit,
-        "size": spec.size,
-        "mode": spec.mode,
-        "seed": spec.seed,
-      },
-    )
-    say(f"done   {spec.name} in {seconds / 60:.1f} min ({count} runs{eta})")
+      with self.lock:
+        self.children.discard(child)
+    return child.returncode
 
-  previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-      futures = [pool.submit(one, spec) for spec in specs]
-      while not all(f.done() for f in futures):  # the main thread stays free to take signals
-        time.sleep(0.2)
-      for future in futures:
-        future.result()
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-    bar.close()
-  if stopping.is_set():
-    raise Stopped
-  return failed
+  def ended_one(self, name: str, seconds: float, ok: bool) -> str:
+    """Counts a finished run; "(K/N runs; about M min left)"."""
+    with self.lock:
+      self.bar.update()
+      self.ended.append(name)
+      if ok:
+        self.times.append(seconds)
+      left = len(self.specs) - len(self.ended)
+      eta = (
+        f"; about {left * (sum(self.times) / len(self.times)) / self.jobs / 60:.1f} min left"
+        if self.times and left
+        else ""
+      )
+      return f"({len(self.ended)}/{len(self.specs)} runs{eta})"
+
+  def one(self, spec: RunSpec) -> None:
+    if self.stopping.is_set():
+      return
+    argv = command(self.train_flags, spec, self.sweep)
+    self.say(f"start  {spec.name}: python {' '.join(argv)}")
+    commit, start = provenance.commit(), time.time()
+    returncode = self.train(spec, argv)
+    seconds = time.time() - start
+    if returncode == 0 and not self.sweep.finished(spec.name):  # stopped by a signal: it saved its step
+      self.say(f"stopped {spec.name} after {seconds / 60:.1f} min; it resumes when the command runs again")
+      return
+    progress = self.ended_one(spec.name, seconds, returncode == 0)
+    if returncode != 0:
+      last = _last_line(self.sweep.runs / spec.name / "train.log")
+      self.failed.append(spec.name)
+      self.say(f"FAILED {spec.name} after {seconds:.0f} s (exit {returncode}): {last}")
+      return
+    record = {"command": "python " + " ".join(argv), "wall_time_s": round(seconds, 1), "commit": commit}
+    self.sweep.record(spec.name, {**record, "size": spec.size, "mode": spec.mode, "seed": spec.seed})
+    self.say(f"done   {spec.name} in {seconds / 60:.1f} min {progress}")
+
+  def run(self) -> list[str]:
+    previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        futures = [pool.submit(self.one, spec) for spec in self.specs]
+        while not all(f.done() for f in futures):  # the main thread stays free to take signals
+          time.sleep(0.2)
+        for future in futures:
+          future.result()
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
+      self.bar.close()
+    if self.stopping.is_set():
+      raise Stopped
+    return self.failed
 
 
 class Stopped(Exception):
