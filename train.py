@@ -160,7 +160,7 @@ def main(argv=None):
   try:
     if args.overwrite and rundir.holds_run(Path(config.out)):
       print(f"--overwrite: the old run is now {rundir.move_aside(Path(config.out))}", file=sys.stderr)
-    rundir.check(config)
+    rundir.check(config)  # before the processes connect (train_and_evaluate checks again, for Python callers)
     if config.resume and not rundir.holds_run(Path(config.out)):
       # A requeued job runs its command again before the first checkpoint exists: start, but say so.
       print(f"--resume: {config.out} holds no run yet; starting a new one there", file=sys.stderr)

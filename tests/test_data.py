@@ -156,3 +156,26 @@ def test_export_image_folder_offline_is_one_line(tmp_path):
     "error: --dataset: TFDS knows no dataset 'fashionmnist' (did you mean fashion_mnist? see tfds.list_builders()); "
     "for your own images use --image-folder DIR."
   ]
+
+
+def test_export_image_folder_of_some_classes(tmp_path):
+  """--classes 1,3: only those classes' folders, evenly over the split; a bad list is one line."""
+  import subprocess
+  import sys
+
+  generated = make_dataset(n_train=80, n_test=40)
+  data.load("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(write_dataset(tmp_path / "idx", generated)))
+  script = Path(__file__).resolve().parents[1] / "examples" / "export_image_folder.py"
+  base = [sys.executable, str(script), "--dataset", "mnist", "--data-dir", str(tmp_path / "tfds")]
+  done = subprocess.run([*base, "--classes", "3,1", "--train", "10", "--test", "4", "--out", str(tmp_path / "o")],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+  assert done.returncode == 0, done.stderr
+  for split, count in (("train", 10), ("test", 4)):
+    folders = {p.name: len(list(p.iterdir())) for p in (tmp_path / "o" / split).iterdir()}
+    labels = generated[split][1]
+    assert set(folders) <= {"1", "3"} and sum(folders.values()) == min(count, int(np.isin(labels, [1, 3]).sum()))
+  bad = subprocess.run([*base, "--classes", "3,10", "--out", str(tmp_path / "p")], capture_output=True, text=True)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    f"{Path(script).name}: error: --classes: expected class indices from 0 to 9, comma-separated, got '3,10' "
+    f"(see {Path(script).name} --help)"
+  ]
