@@ -261,3 +261,28 @@ def test_fine_tune_from_exported_weights_end_to_end(tmp_path):
   resumed = run([*command, "--resume"])
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "replaced" not in resumed.stderr
+
+
+def test_weights_for_colour_images_given_grey_ones_say_so():
+  model = ResNet18(norm=jaxbn.BatchNorm, num_classes=1000, torch_padding=True)
+  grey = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), IMAGES[..., :1])
+  with pytest.raises(ConfigError) as error:
+    pretrained.from_torch(random_state_dict(read_fixture("resnet18")[0]), grey, torch_module_names(model), "w")
+  assert str(error.value) == (
+    "--init-from w: conv1.weight has shape (64, 3, 7, 7), the model expects (64, 1, 7, 7) "
+    "(it takes images of 3 channels, the data has 1)"
+  )
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_imagenet_normalization_is_torchvisions(channels):
+  """--normalize imagenet: torchvision's transforms.Normalize(mean, std) after ToTensor (x / 255);
+  images of one channel take the colours' mean."""
+  from trainer.loop import _pixels
+
+  data = type("Data", (), {"channels": channels})()
+  pixels = np.arange(0, 256, 51, dtype=np.uint8).reshape(1, 2, 3, 1).repeat(channels, -1)
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  if channels == 1:
+    mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+  np.testing.assert_allclose(_pixels("imagenet", data)(pixels), (pixels / 255.0 - mean) / std, rtol=1e-5)

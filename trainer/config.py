@@ -25,7 +25,7 @@ SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "bfloat16")
 INPUTS = ("auto", "device", "stream")
 AUGMENTATIONS = ("auto", "none", "crop-flip", "random-resized-crop")
-NORMALIZATIONS = ("unit", "standardize")
+NORMALIZATIONS = ("unit", "standardize", "imagenet")
 POPULATION_ESTIMATORS = ("paper", "pooled", "both")
 WEIGHT_EMA_BN = ("ema", "recompute", "both")
 CHECKPOINT_STEPS = 10_000  # checkpoint_every's default, rounded up to a multiple of eval_every
@@ -95,7 +95,10 @@ class Config:
     AUGMENTATIONS,
   )
   normalize: str | None = _flag(
-    "pixels to x/255 (unit) or by the training split's per-channel mean and std (standardize)", None, NORMALIZATIONS
+    "pixels to x/255 (unit), by the training split's per-channel mean and std (standardize), or by ImageNet's "
+    "(imagenet: what torchvision's and timm's pretrained models expect)",
+    None,
+    NORMALIZATIONS,
   )
   # ---- model and BN
   model: str = _flag("the model", "mlp", MODELS)

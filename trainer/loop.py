@@ -112,7 +112,7 @@ def set_up(config: Config, devices) -> tuple[Run, TrainState]:
   global_batch = config.global_batch(num_devices)
   data = _open_data(config)
   batches, path = plan_batches(config, data, global_batch)
-  pixels = Pixels(*data.channel_stats()) if config.normalize == "standardize" else steps.UNIT
+  pixels = _pixels(config.normalize, data)
   train_source, test_source = data.train, data.test
   if path == "device":
     train_images, train_labels = data_lib.read_split(data.train)
@@ -162,6 +162,23 @@ def set_up(config: Config, devices) -> tuple[Run, TrainState]:
     write_data_info=functools.partial(rundir.write_data_info, out, data.num_classes, batches.image_shape, pixels),
   )
   return run, create_train_state(config, batches.image_shape, num_classes=data.num_classes)
+
+
+# torchvision's and timm's ImageNet models expect pixels standardized with these (0-1 scale)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _pixels(normalize: str, data) -> Pixels:
+  """--normalize: x / 255, the training split's per-channel statistics, or ImageNet's (their
+  mean over the colours for images of one channel)."""
+  if normalize == "standardize":
+    return Pixels(*data.channel_stats())
+  if normalize == "imagenet":
+    mean, std = (np.asarray(s) * 255 for s in (IMAGENET_MEAN, IMAGENET_STD))
+    if data.channels != 3:
+      mean, std = np.full(data.channels, mean.mean()), np.full(data.channels, std.mean())
+    return Pixels(mean, std)
+  return steps.UNIT
 
 
 @dataclasses.dataclass

@@ -195,7 +195,12 @@ def from_torch(
     tensors = {suffix: state_dict[f"{torch_name}.{suffix}"] for suffix in expected}
     for suffix, tensor in tensors.items():
       if tensor.shape != tuple(expected[suffix]):
-        _fail(path, f"{torch_name}.{suffix} has shape {tensor.shape}, the model expects {tuple(expected[suffix])}")
+        hint = ""
+        if tensor.ndim == 4 and tensor.shape[1] != expected[suffix][1] and stage_of(torch_name) == 0:
+          hint = f" (it takes images of {tensor.shape[1]} channels, the data has {expected[suffix][1]})"
+        _fail(
+          path, f"{torch_name}.{suffix} has shape {tensor.shape}, the model expects {tuple(expected[suffix])}{hint}"
+        )
     if "scale" in module:
       bn, _ = pytorch.from_torch_bn(*(tensors[s] for s in BN_TENSORS))
       _set(loaded["params"], flax_path, bn["params"])
