@@ -12,6 +12,11 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(PYENV_ROOT)/versions/$(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -V | tail -n 1)/bin/python
 PYTEST_ARGS ?=
+# Test processes side by side (pytest-xdist; a file's tests stay in one process, so its
+# fixtures are built once). Most tests wait on XLA's single-threaded compiler: two
+# processes keep both cores of this machine busy. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: env test test-fast test-newest lint docs data train reproduce finetune report bench bench-device compare-device
 
@@ -26,11 +31,11 @@ $(STAMP): pyproject.toml jaxbn/__init__.py
 
 # pytest exits non-zero (5) when it collects no test, so make fails loudly.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=12 $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (long training runs): a few minutes.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The suite on the newest Python and the newest JAX/flax pip resolves for it
 # (a fresh environment resolves them; delete .venv-X.Y to re-resolve).
