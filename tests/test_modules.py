@@ -33,7 +33,13 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
     np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['shape']}-{c['kw']}")
+def _case_id(case) -> str:
+  """A test id that is the same in every process (pytest-xdist): initializers by name."""
+  kw = {k: getattr(v, "__qualname__", v) if callable(v) else v for k, v in case["kw"].items()}
+  return f"{case['shape']}-{kw}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_linen_matches_flax(case):
   x = _x(case["shape"])
   ours, theirs = jaxbn.BatchNorm(**case["kw"]), nn.BatchNorm(**case["kw"])
@@ -182,7 +188,7 @@ NNX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", NNX_CASES, ids=lambda c: f"{c['shape']}-{c['kw']}")
+@pytest.mark.parametrize("case", NNX_CASES, ids=_case_id)
 def test_nnx_matches_flax(case):
   axis = case["kw"].get("axis", -1)
   features = case["shape"][axis]
