@@ -65,3 +65,17 @@ def test_the_committed_report_redraws_from_its_metrics(tmp_path):
     assert (tmp_path / page).read_text() == (ROOT / "reports" / "full" / page).read_text(), page
   headline = json.loads((tmp_path / "headline.json").read_text())
   assert len(headline["e1"]["settings"]) >= 4
+
+
+@pytest.mark.skipif(not (ROOT / "reports" / "full" / "data" / "finetune").is_dir(), reason="no fine-tuning metrics")
+def test_the_fine_tuning_report_is_its_metrics():
+  """reports/full/finetune.md is what experiments/finetune.py writes from the committed metrics, and
+  each accuracy in it is a committed run's."""
+  from experiments import finetune
+
+  text = finetune.report()
+  assert text == (ROOT / "reports" / "full" / "finetune.md").read_text()
+  for name, choice in (("frozen-seed0", "BN frozen"), ("sync-seed1", "synced BN (normalization batch 32)")):
+    last = [json.loads(line) for line in (finetune.DATA / name / "metrics.jsonl").read_text().splitlines()][-1]
+    row = next(line for line in text.splitlines() if choice in line)
+    assert f"{last['test_accuracy']:.4f}" in row.split("|")[-2]
