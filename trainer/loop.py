@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from trainer import data as data_lib
-from trainer import rundir, steps
+from trainer import pretrained, rundir, steps
 from trainer.bn_modes import BN_MODES
 from trainer.checkpoints import CheckpointError, Checkpoints
 from trainer.config import Config
@@ -227,6 +227,8 @@ def train_and_evaluate(config: Config, devices=None) -> dict:
   when a checkpoint cannot be saved; the last good checkpoint stays in both.
   """
   rundir.check(config)
+  if config.init_from and rundir.last_checkpoint(Path(config.out)) is None:  # a fresh run will read it
+    pretrained.check_file(config.init_from)
   run, fresh = set_up(config, devices or setup_devices(config))
   start = restore(run, fresh)
   if isinstance(start, dict):

@@ -32,7 +32,7 @@ import numpy as np
 from jaxbn import pytorch
 from trainer.errors import ConfigError
 
-__all__ = ["from_torch", "read_state_dict", "stage_count", "stage_of", "to_torch", "write_safetensors"]
+__all__ = ["check_file", "from_torch", "read_state_dict", "stage_count", "stage_of", "to_torch", "write_safetensors"]
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -47,9 +47,7 @@ def _fail(path, message: str):
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
   """The file's tensors as float32 NumPy arrays by name (a DistributedDataParallel
   `module.` prefix removed). ConfigError (naming the file) for anything else."""
-  path = Path(path)
-  if not path.is_file():
-    _fail(path, "no such file")
+  path = check_file(path)
   if path.suffix == ".safetensors":
     tensors = _read_safetensors(path)
   elif path.suffix in PICKLE_SUFFIXES:
@@ -61,6 +59,14 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
   if all(name.startswith("module.") for name in tensors):
     tensors = {name.removeprefix("module."): value for name, value in tensors.items()}
   return {name: value for name, value in tensors.items() if name.rsplit(".", 1)[-1] not in IGNORED}
+
+
+def check_file(path: str | Path) -> Path:
+  """`path`, or ConfigError when there is no such file (before a run sets anything up)."""
+  path = Path(path)
+  if not path.is_file():
+    _fail(path, "no such file")
+  return path
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
