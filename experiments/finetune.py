@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from experiments.run import _finished  # noqa: E402
 from trainer import cli, provenance  # noqa: E402
 
 DATA = ROOT / "reports" / "full" / "data" / "finetune"
@@ -63,14 +64,6 @@ TITLES = {
 def _run(command: list[str]) -> None:
   print("$ python " + " ".join(command), flush=True)
   subprocess.run([sys.executable, *command], cwd=ROOT, check=True)
-
-
-def _finished(out: Path) -> bool:
-  try:
-    steps = json.loads((out / "config.json").read_text())["steps"]
-    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
-  except (OSError, ValueError, KeyError, IndexError):
-    return False
 
 
 def _train(out: Path, flags, log: dict) -> None:
