@@ -123,12 +123,17 @@ def _small_batches_hurt(m: _Means) -> list[Claim]:
   recovered = next(
     n for i, n in enumerate(t.sizes[: top + 1]) if all(mean[k] >= mean[best] - noise for k in t.sizes[i : top + 1])
   )
+  within = f"{fixed(noise, 4)} (twice the median seed spread, at least {MIN_GAP})"
+  if recovered == best and top > 0:
+    below = t.sizes[top - 1]
+    where = f"the next smaller size ({fixed(mean[below], 4)} at {below}) is more than {within} below the best"
+  else:
+    where = f"from {recovered} up to {best} every size is within {within} of the best"
   return [
     (
       "Small normalization batches hurt",
       _status(mean[m.reference] - mean[smallest], noise),
-      f"{_at(mean)}; from {recovered} up to {best} every size is within {fixed(noise, 4)} (twice the median seed "
-      f"spread, at least {MIN_GAP}) of the best ({fixed(mean[best], 4)} at {best}).",
+      f"{_at(mean)}; {where} ({fixed(mean[best], 4)} at {best}).",
     )
   ]
 

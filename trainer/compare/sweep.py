@@ -214,7 +214,10 @@ class _Runs:
       self.failed.append(spec.name)
       self.say(f"FAILED {spec.name} after {seconds:.0f} s (exit {returncode}): {last}")
       return
-    record = {"command": "python " + " ".join(argv), "wall_time_s": round(seconds, 1), "commit": commit}
+    # a resumed run's own wall time continues across its sittings (up to its last training step); `seconds` is
+    # this sitting's, start-up and final evaluation included
+    wall_time = max(seconds, self.sweep.last_metrics(spec.name).get("wall_time") or 0.0)
+    record = {"command": "python " + " ".join(argv), "wall_time_s": round(wall_time, 1), "commit": commit}
     self.sweep.record(spec.name, {**record, "size": spec.size, "mode": spec.mode, "seed": spec.seed})
     self.say(f"done   {spec.name} in {seconds / 60:.1f} min {progress}")
 
