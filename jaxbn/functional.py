@@ -101,9 +101,10 @@ class BNOptions(NamedTuple):
   renorm: Renorm | None = None
 
   @classmethod
-  def of(cls, layer, **overrides) -> BNOptions:
-    """The options of a BN layer (its attributes of these names), `overrides` replacing them."""
-    return cls(**{**{name: getattr(layer, name) for name in cls._fields if hasattr(layer, name)}, **overrides})
+  def from_keywords(cls, keywords: dict[str, Any], renorm: Renorm | None = None) -> BNOptions:
+    """The options among a function's keyword arguments (`batch_norm`'s and
+    `batch_renorm`'s, whose names are these fields: a test checks it)."""
+    return cls(**{name: keywords[name] for name in cls._fields if name != "renorm"}, renorm=renorm)
 
 
 def _is_manual(axis_name) -> bool:
@@ -549,25 +550,14 @@ def batch_norm(
   Returns:
     `(y, new_stats)`; running statistics carry no gradient.
   """
-  options = BNOptions(
-    axis=axis,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    unbiased=unbiased,
-    skip_nonfinite=skip_nonfinite,
-    dtype=dtype,
-    batch_groups=batch_groups,
-    batch_axis=batch_axis,
-  )
+  options = BNOptions.from_keywords(locals())
   return normalize(x, params, stats, options, training=training, mask=mask)
 
 
 def normalize(
   x, params: dict[str, Any] | None, stats: dict[str, Any], options: BNOptions, *, training: bool, mask=None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The core every jaxbn layer calls: BN (or, with `options.renorm`, Batch
+  """The core every jaxbn function and layer calls: BN (or, with `options.renorm`, Batch
   Renormalization) of `x` with `options`; returns `(y, new_stats)`.
 
   `batch_norm(x, params, stats, training=t, mask=m, **keywords)` is

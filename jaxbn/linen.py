@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes, initializers
 
-from jaxbn import checks, functional
+from jaxbn import checks, functional, layer_call
 
 Array = jax.Array
 
@@ -65,6 +65,8 @@ class BatchNorm(nn.Module):
   skip_nonfinite: bool = True
   batch_groups: int | None = None
 
+  call_kind = nn.nowrap(layer_call.plain_kind)  # what this class adds to BN's call (jaxbn.layer_call)
+
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
     """Normalizes `x`; see the class docstring.
@@ -91,6 +93,8 @@ class BatchRenorm(BatchNorm):
   r_max: float = 3.0
   d_max: float = 5.0
   stats_axis_name: Any = None
+
+  call_kind = nn.nowrap(layer_call.renorm_kind)
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None, r_max=None, d_max=None):
@@ -119,6 +123,8 @@ class FrozenBatchNorm(BatchNorm):
 
   train_affine: bool = False
 
+  call_kind = nn.nowrap(layer_call.frozen_kind)
+
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
     """Normalizes `x` with the stored statistics (`mask` is accepted and unused)."""
@@ -129,15 +135,18 @@ def normalize_with(holder: nn.Module, layer: BatchNorm, x, use_running_average, 
   """The call of every jaxbn Linen layer: `layer`'s kind and fields, on `holder`'s
   variables (`holder` is `layer`, or under `jaxbn.swap_batch_norm` the flax or
   jaxbn module being called)."""
-  frozen = isinstance(layer, FrozenBatchNorm)
-  use_running_average = frozen or nn.merge_param("use_running_average", layer.use_running_average, use_running_average)
+  kind = layer.call_kind(r_max, d_max)
+  use_running_average = kind.frozen or nn.merge_param(
+    "use_running_average", layer.use_running_average, use_running_average
+  )
   x = checks.check_input(x)
   faxes = functional.feature_axes(x.ndim, layer.axis)
   fshape = tuple(x.shape[a] for a in faxes)
 
   stats_dtype = jnp.float32 if layer.force_float32_reductions else layer.param_dtype
   stats_shape = fshape if layer.batch_groups is None else (layer.batch_groups, *fshape)
-  var_init = (lambda s, d: jnp.full(s, 1 - layer.epsilon, d)) if frozen else jnp.ones  # frozen: a fresh layer is y = x
+  # frozen: a fresh layer is y = x
+  var_init = (lambda s, d: jnp.full(s, 1 - layer.epsilon, d)) if kind.frozen else jnp.ones
   ra_mean = holder.variable("batch_stats", "mean", jnp.zeros, stats_shape, stats_dtype)
   ra_var = holder.variable("batch_stats", "var", var_init, stats_shape, stats_dtype)
   params = {}
@@ -147,36 +156,22 @@ def normalize_with(holder: nn.Module, layer: BatchNorm, x, use_running_average, 
     params["bias"] = holder.param("bias", layer.bias_init, fshape, layer.param_dtype)
   # flax's output dtype: the promotion of the input and the parameters used.
   out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=layer.dtype)
-  if frozen and not layer.train_affine:
-    params = jax.tree.map(jax.lax.stop_gradient, params)
 
   initializing = holder.is_initializing()
   stats = {"mean": ra_mean.value, "var": ra_var.value}
-  groups = None
-  if layer.batch_groups is not None:
-    # One row per group; statistics of the feature shape (a checkpoint of plain
-    # BN, or the pooled set) serve every group.
-    groups = layer.batch_groups if jnp.shape(stats["mean"]) == fshape else functional.groups_of(stats, fshape)
-  if initializing and groups is not None:
-    # init takes a batch of any size (often one example) and keeps the statistics.
-    stats, groups = functional.pool_stats(stats), None
-  renorm = None
-  if isinstance(layer, BatchRenorm):
-    renorm = functional.Renorm(
-      layer.r_max if r_max is None else r_max,
-      layer.d_max if d_max is None else d_max,
-      stats_axis_name=None if initializing else layer.stats_axis_name,
-    )
-  options = functional.BNOptions.of(
+  y, new_stats = layer_call.normalize_layer(
     layer,
-    axis=faxes,
-    # As in flax, init needs no bound axis and leaves the statistics alone.
-    axis_name=None if initializing else layer.axis_name,
-    dtype=out_dtype,
-    batch_groups=groups,
-    renorm=renorm,
+    kind,
+    x,
+    params,
+    stats,
+    feature_axes=faxes,
+    out_dtype=out_dtype,
+    training=not use_running_average,
+    mask=mask,
+    initializing=initializing,  # as in flax, init needs no bound axis and leaves the statistics alone
+    owner=holder,
   )
-  y, new_stats = functional.normalize(x, params, stats, options, training=not use_running_average, mask=mask)
   if not use_running_average and not initializing:
     ra_mean.value = new_stats["mean"]
     ra_var.value = new_stats["var"]

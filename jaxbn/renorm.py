@@ -71,19 +71,7 @@ def batch_renorm(
   else:  # inference is BN's: the limits are never read
     r_max, d_max = 1.0, 0.0
   renorm = functional.Renorm(r_max=r_max, d_max=d_max, stats_axis_name=stats_axis_name)
-  options = functional.BNOptions(
-    axis=axis,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    unbiased=unbiased,
-    skip_nonfinite=skip_nonfinite,
-    dtype=dtype,
-    batch_groups=batch_groups,
-    batch_axis=batch_axis,
-    renorm=renorm,
-  )
+  options = functional.BNOptions.from_keywords(locals(), renorm)
   return functional.normalize(x, params, stats, options, training=training, mask=mask)
 
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from jaxbn import checks, functional
-from jaxbn.linen import BatchNorm, FrozenBatchNorm
+from jaxbn import checks, functional, layer_call
+from jaxbn.swap import swap_batch_norm
 
 __all__ = ["ESTIMATORS", "PopulationEstimate", "accumulate_batch_stats", "population_stats", "sync_batch_stats"]
 
@@ -162,8 +162,9 @@ def population_stats(
   """Population statistics of every BN layer of a Linen model (PreciseBN).
 
   Runs the model over `batches` with each BN layer (`jaxbn.BatchNorm`,
-  `jaxbn.BatchRenorm` or `flax.linen.BatchNorm`) normalizing by its batch
-  statistics, as the training network does, and returns new 'batch_stats'
+  `jaxbn.BatchRenorm` or `flax.linen.BatchNorm`) run as `jaxbn.BatchNorm`
+  normalizing by its batch statistics (`jaxbn.swap_batch_norm`), as the
+  training network does, and returns new 'batch_stats'
   whose every layer holds the population statistics of its inputs
   (`PopulationEstimate`: `estimator="paper"`, the paper's Algorithm 2, or
   "pooled", fvcore's). A layer with `batch_groups` is estimated at its
@@ -188,37 +189,15 @@ def population_stats(
   grouped: dict[tuple[str, ...], bool] = {}  # filled while tracing: static per layer
 
   def batch_moments(variables, batch):
-    """{layer path: (Moments of that layer's input, grouped)} for one batch."""
-    recorded: dict[tuple[str, ...], functional.Moments] = {}
-    replacing: list[nn.Module] = []  # non-empty while a replacement layer runs (not intercepted)
-
-    def intercept(next_fun, args, kwargs, context):
-      module = context.module
-      if (
-        replacing
-        or context.method_name != "__call__"
-        or not isinstance(module, BatchNorm | nn.BatchNorm)
-        or isinstance(module, FrozenBatchNorm)
-      ):
-        return next_fun(*args, **kwargs)
-      x, mask = args[0], kwargs.get("mask")
-      groups = _groups(module, x)
-      assert module.scope is not None  # a bound module (inside apply)
-      recorded[module.scope.path] = functional.moments(x, axis=module.axis, mask=mask, batch_groups=groups)
-      grouped[module.scope.path] = groups is not None
-      # The layer as the training network runs it, on its own variables.
-      training = module.clone(parent=None, use_running_average=False, axis_name=None)
-      replacing.append(module)
-      try:
-        y, _ = training.apply(module.variables, x, mask=mask, mutable=["batch_stats"])
-      finally:
-        replacing.pop()
-      return y
-
+    """{layer path: Moments of that layer's input} for one batch."""
     args = batch if isinstance(batch, tuple) else (batch,)
-    with nn.intercept_methods(intercept):
+    # every BN layer but the frozen ones as the training network runs it, unsynced, its input recorded
+    swapped = swap_batch_norm("batch_norm", skip_frozen=True, use_running_average=False, axis_name=None)
+    with swapped, layer_call.recording() as recorded:
       model.apply(variables, *args, mutable=["batch_stats"], **apply_kwargs)
-    return recorded
+    for r in recorded:
+      grouped[r.owner.scope.path] = r.grouped
+    return {r.owner.scope.path: r.moments for r in recorded}
 
   step = jax.jit(batch_moments)
   for batch in batches:
@@ -232,12 +211,6 @@ def population_stats(
     old = _get_path(variables["batch_stats"], path)
     _set_path(new_stats, path, _shaped(estimate.result(path), old))
   return new_stats
-
-
-def _groups(module, x) -> int | None:
-  """The normalization groups of a jaxbn layer with `batch_groups` (None: the whole batch)."""
-  groups = getattr(module, "batch_groups", None)
-  return groups if groups is not None and x.shape[0] % groups == 0 else None
 
 
 def _get_path(tree, path):

@@ -39,12 +39,13 @@ def fields_of(kind: str, overrides: dict) -> tuple[type[BatchNorm], tuple[str, .
 
 
 @contextlib.contextmanager
-def swap_batch_norm(kind: str = "batch_norm", **fields):
+def swap_batch_norm(kind: str = "batch_norm", *, skip_frozen: bool = False, **fields):
   """Runs every Linen BN layer (flax's or jaxbn's) called inside as the jaxbn layer of `kind`.
 
   Args:
     kind: "batch_norm" (`jaxbn.BatchNorm`), "frozen" (`jaxbn.FrozenBatchNorm`)
       or "renorm" (`jaxbn.BatchRenorm`).
+    skip_frozen: leave `jaxbn.FrozenBatchNorm` layers as they are.
     **fields: fields of that layer that override the swapped layer's own
       (e.g. `batch_groups=8`, `axis_name="batch"`, `train_affine=True`).
 
@@ -58,14 +59,18 @@ def swap_batch_norm(kind: str = "batch_norm", **fields):
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, nn.BatchNorm | BatchNorm):
+    if (
+      context.method_name != "__call__"
+      or not isinstance(module, nn.BatchNorm | BatchNorm)
+      or (skip_frozen and isinstance(module, FrozenBatchNorm))
+    ):
       return next_fun(*args, **kwargs)
     own = {name: getattr(module, name) for name in names if hasattr(module, name)}
     layer = cls(**{**own, **fields}, parent=None)
     x, *rest = args
     use_running_average = rest[0] if rest else kwargs.pop("use_running_average", None)
-    extra = {k: kwargs[k] for k in ("r_max", "d_max") if k in kwargs and kind == "renorm"}
-    return normalize_with(module, layer, x, use_running_average, mask=kwargs.get("mask"), **extra)
+    limits = {k: kwargs.get(k) for k in ("r_max", "d_max")}  # Batch Renorm's; other kinds leave them unread
+    return normalize_with(module, layer, x, use_running_average, mask=kwargs.get("mask"), **limits)
 
   with nn.intercept_methods(intercept):
     yield

@@ -7,9 +7,12 @@ import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-# `slow` (pyproject.toml) marks what `make test-fast` leaves out: tests that start
-# several JAX processes (train.py --coordinator) or train for long. The first kind is
-# enforced here: such a test that is not marked fails.
+# `slow` (pyproject.toml) marks what `make test-fast` leaves out: a test that takes
+# longer than SLOW_SECONDS on the 2-core CI machine (a training run end to end, a
+# model compiled several ways) or starts several JAX processes (train.py
+# --coordinator). The second kind is enforced here (an unmarked one fails); the
+# first is reported at the end of the session, with the unmarked tests over it.
+SLOW_SECONDS = 10.0
 MULTI_PROCESS_FLAG = "--coordinator"
 
 
@@ -25,3 +28,18 @@ def _multi_process_tests_are_slow(request, monkeypatch):
     original(self, args, *rest, **kwargs)
 
   monkeypatch.setattr(subprocess.Popen, "__init__", checked)
+
+
+_unmarked_over: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report):
+  if report.when == "call" and report.duration > SLOW_SECONDS and "slow" not in report.keywords:
+    _unmarked_over.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _unmarked_over:
+    terminalreporter.write_sep("-", f"tests over {SLOW_SECONDS:.0f} s not marked slow (tests/conftest.py)")
+    for seconds, nodeid in sorted(_unmarked_over, reverse=True):
+      terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")

@@ -126,6 +126,7 @@ def _oracle(config, images, labels):
   return np.array(losses), params, running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn", ["per-device", "sync"])
 @pytest.mark.parametrize("style", trainer.PARALLEL_STYLES)
 def test_accumulated_steps_equal_ghost_bn_of_the_whole_batch(bn, style):

@@ -126,6 +126,7 @@ def test_nnx_frozen_batch_norm():
 # ---- switching the BN of an unmodified Linen model ------------------------------------
 
 
+@pytest.mark.slow
 def test_swap_under_jit_gives_pmaps_per_device_bn_on_a_flax_resnet():
   """Per-device BN of a model written with flax.linen.BatchNorm, moved to jit over a
   sharded batch: `swap_batch_norm(batch_groups=8)` equals flax's own per-device BN

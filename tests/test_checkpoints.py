@@ -60,6 +60,7 @@ def _records(path: Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_run_of_0_3_0_resumes_to_the_same_metrics(tmp_path):
   expected = _records(FIXTURE / "metrics.jsonl")
   shutil.copytree(FIXTURE, tmp_path / "run")

@@ -125,6 +125,7 @@ def _channels_first_bn(axis_name, params=None, training=True):
   return bn
 
 
+@pytest.mark.slow
 def test_equinox_batch_norm():
   keys = jax.random.split(jax.random.key(0), 5)
   x0 = jax.random.uniform(keys[0], (5,))

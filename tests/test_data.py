@@ -158,6 +158,7 @@ def test_export_image_folder_offline_is_one_line(tmp_path):
   ]
 
 
+@pytest.mark.slow
 def test_export_image_folder_of_some_classes(tmp_path):
   """--classes 1,3: only those classes' folders, evenly over the split; a bad list is one line."""
   import subprocess

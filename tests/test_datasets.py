@@ -129,6 +129,7 @@ def test_offline_an_unprepared_dataset_fails_within_seconds(tmp_path, monkeypatc
   assert "tfds build cifar10 --file_format=array_record" in message and "--image-folder" in message
 
 
+@pytest.mark.slow
 def test_train_on_a_mocked_named_dataset_every_style(tmp_path):
   """ResNet-20 on (mocked) CIFAR-10, streamed, in every parallel style: the same run."""
   assert jax.device_count() == 8

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_nnx_data_parallel_example():
   result = subprocess.run(
     [sys.executable, str(ROOT / "examples" / "nnx_data_parallel.py"), "--steps", "100"],
@@ -31,6 +34,7 @@ def test_nnx_data_parallel_example():
     assert float(m.group(3)) > 0.9, result.stdout
 
 
+@pytest.mark.slow
 def test_fold_bn_example_on_a_train_py_run(tmp_path):
   from tests.idx_files import make_dataset, write_dataset
 

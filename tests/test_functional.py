@@ -1,5 +1,7 @@
 """jaxbn.batch_norm and jaxbn.moments on one device, against NumPy float64."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,3 +247,15 @@ def test_shifted_moments_match_numpy(shape, axis, offset):
   count, m, m2, _ = F._shifted_moments(jnp.asarray(x), None, F.feature_axes(x.ndim, axis))
   _assert_rel(m, mean, rtol=1e-6, atol=1e-6)
   _assert_rel(m2 / count, var, rtol=1e-4 if offset else 1e-5)
+
+
+def test_the_functions_keywords_are_the_options_fields():
+  """batch_norm and batch_renorm hand their keywords to BNOptions by name (BNOptions.from_keywords):
+  every field but renorm is a keyword of both, and they have no other keywords than their own."""
+  fields = set(jaxbn.BNOptions._fields) - {"renorm"}
+
+  def keywords(fn):
+    return {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+  assert keywords(jaxbn.batch_norm) == fields | {"training", "mask"}
+  assert keywords(jaxbn.batch_renorm) == fields | {"training", "mask", "r_max", "d_max", "stats_axis_name"}

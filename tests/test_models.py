@@ -57,6 +57,7 @@ def test_mlp_preactivation_is_the_last_sigmoids_input():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn", [False, True])
 def test_inception_shapes_and_bn_placement(bn):
   model = InceptionNet(norm=jaxbn.BatchNorm if bn else None, width=4, dropout=0.3)
@@ -76,6 +77,7 @@ def test_inception_shapes_and_bn_placement(bn):
   assert not np.allclose(y1, y2)
 
 
+@pytest.mark.slow
 def test_inception_with_synced_norm_normalizes_over_the_global_batch():
   """Synced over 2 shards of 3 examples (vmap's axis), the sigmoid Inception net computes what
   the unsynced net computes on the 6 examples at once: logits and running statistics."""
@@ -91,6 +93,7 @@ def test_inception_with_synced_norm_normalizes_over_the_global_batch():
     np.testing.assert_allclose(got[1], expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_inception_dropout_on_a_batch_sharded_explicit_mesh():
   """Regression: train.py's jit style (batch sharded on an Explicit mesh) failed in
   flax's nn.Dropout, whose lax.select refuses a replicated mask for a sharded input."""

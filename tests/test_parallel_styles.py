@@ -69,6 +69,7 @@ def runs(tmp_path_factory):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn", trainer.BN_MODES)
 @pytest.mark.parametrize("style", ["shard_map", "pmap"])
 def test_style_gives_the_same_run_as_jit(runs, bn, style):
@@ -83,6 +84,7 @@ def test_style_gives_the_same_run_as_jit(runs, bn, style):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), saved, other_saved)
 
 
+@pytest.mark.slow
 def test_per_device_synced_and_renorm_runs_differ(runs):
   for style in trainer.PARALLEL_STYLES:
     per_device, synced, renorm = (runs[bn, style][0][-1] for bn in ("per-device", "sync", "renorm"))
@@ -91,6 +93,7 @@ def test_per_device_synced_and_renorm_runs_differ(runs):
     assert abs(per_device["test_loss"] - renorm["test_loss"]) > 1e-3, style
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn", ["per-device", "sync"])
 def test_population_evaluation_is_algorithm_2_of_the_final_weights(runs, bn):
   """The recorded population accuracy, recomputed here: Algorithm 2 over the
@@ -118,6 +121,7 @@ def test_population_evaluation_is_algorithm_2_of_the_final_weights(runs, bn):
   assert max(jax.tree.leaves(differences)) > 1e-3
 
 
+@pytest.mark.slow
 def test_sigmoid_inception_evaluates_in_jit_style(num_devices=1):
   """Regression: the jit style's evaluation (vmap over the device-sharded axis) of the
   sigmoid Inception net on one device failed in optax's cross-entropy (a select JAX's

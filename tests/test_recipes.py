@@ -72,6 +72,7 @@ def test_warmup_then_steps():
   assert lr[20] == pytest.approx(0.05) and lr[40] == lr[199] == pytest.approx(0.1) and lr[200] == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_weight_decay_skips_bn_scale_and_bias_and_biases():
   config = Config(model="resnet20", weight_decay=0.5, lr=1.0, optimizer="sgd", schedule="constant", steps=10)
   state = trainer.create_train_state(config, (32, 32, 3), num_classes=10)

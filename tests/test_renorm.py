@@ -214,6 +214,7 @@ def test_per_device_renorm_corrects_toward_the_pooled_statistics():
   np.testing.assert_allclose(np.asarray(y_map).reshape(8, 6, 4), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grouped_and_axis_renorm_agree_in_gradients_and_statistics():
   """What train.py's jit style (batch_groups) and shard_map/pmap styles (stats_axis_name)
   compute for per-device Batch Renorm at 2 examples per device, where r and d clip: the

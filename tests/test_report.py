@@ -45,6 +45,7 @@ def test_median_spread_starts_at_step_1000():
   assert e1.median_spread(run) == 1.5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / "reports" / "full" / "data").is_dir(), reason="no committed report metrics")
 def test_the_committed_report_redraws_from_its_metrics(tmp_path):
   result = subprocess.run(

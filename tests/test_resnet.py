@@ -78,6 +78,7 @@ def test_cifar_resnets_have_the_papers_size(cls, millions):
   assert _parameters(cls(norm=jaxbn.BatchNorm, num_classes=10), 32) / 1e6 == pytest.approx(millions, abs=0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [True, False])
 def test_the_last_bn_of_each_block_starts_at_zero(zero):
   model = ResNet20(norm=jaxbn.BatchNorm, zero_init_residual=zero)
@@ -101,6 +102,7 @@ def test_a_zero_initialized_block_is_the_identity():
     np.testing.assert_allclose(block.apply(variables, x), x, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
   model = ResNet20(norm=jaxbn.BatchNorm, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))

@@ -35,6 +35,7 @@ def _same(a, b, keys=DETERMINISTIC, rel=0.0):
         assert x[key] == y[key], (x["step"], key)
 
 
+@pytest.mark.slow
 def test_stream_and_device_input_see_the_same_examples_in_the_same_order(tmp_path, idx_dir):
   """The same run through both input paths: the host reads and augments the batch
   (grain, a worker process), or the device gathers it from its copy of the split."""
@@ -85,6 +86,7 @@ def _wait_for_step(out: Path, proc, step: int, timeout=240):
   raise AssertionError(f"the run did not reach step {step}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("input_path", ["device", "stream"])
 def test_sigterm_saves_the_step_and_resume_is_exact(tmp_path, idx_dir, input_path):
   args = ("--devices", "2", "--batch-size", "6", "--steps", "800", "--eval-every", "100", "--bn", "per-device")

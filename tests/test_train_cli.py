@@ -108,6 +108,7 @@ def _snapshot(out: Path) -> dict:
   return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_never_overwritten_or_mixed(tmp_path, idx_dir):
   out = tmp_path / "run"
   first = _run(idx_dir, out, "--steps", "20")
@@ -145,6 +146,7 @@ def test_a_run_directory_is_never_overwritten_or_mixed(tmp_path, idx_dir):
   assert len(kept) == 1 and (kept[0] / "metrics.jsonl").read_text().count("\n") == 4
 
 
+@pytest.mark.slow
 def test_resume_without_a_run_starts_one_and_says_so(tmp_path, idx_dir):
   out = tmp_path / "requeued"
   result = _run(idx_dir, out, "--steps", "10", "--resume")
@@ -153,6 +155,7 @@ def test_resume_without_a_run_starts_one_and_says_so(tmp_path, idx_dir):
   assert [m["step"] for m in metrics(out)] == [10]
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_valid_metrics(tmp_path, idx_dir):
   out = tmp_path / "nan"
   result = _run(idx_dir, out, "--steps", "200", "--lr", "1e30", "--activation", "relu", "--checkpoint-every", "10")
@@ -165,6 +168,7 @@ def test_a_diverging_run_stops_with_valid_metrics(tmp_path, idx_dir):
   assert records[-1]["step"] not in saved  # no checkpoint of a non-finite state
 
 
+@pytest.mark.slow
 def test_data_errors_name_the_file(tmp_path, idx_dir):
   missing = _run(tmp_path / "nowhere", tmp_path / "a", "--steps", "10")
   assert missing.returncode == 1 and "--idx-dir:" in missing.stderr.strip().splitlines()[-1]

@@ -65,6 +65,7 @@ def _sgd(params, grads, lr):
   return jax.tree.map(lambda p, g: p - lr * g, params, grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn", ["sync", "none"])
 def test_synced_and_no_bn_step_equal_one_device_on_the_global_batch(bn):
   assert jax.device_count() == DEVICES
@@ -78,6 +79,7 @@ def test_synced_and_no_bn_step_equal_one_device_on_the_global_batch(bn):
     jax.tree.map(lambda a, b, d=d: np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-6), new.batch_stats, g_stats)
 
 
+@pytest.mark.slow
 def test_per_device_step_averages_per_shard_gradients():
   assert jax.device_count() == DEVICES
   config, state, images, labels = _step_inputs("per-device")
@@ -128,6 +130,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, idx_dir):
     assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
 
 
+@pytest.mark.slow
 def test_evaluation_covers_the_whole_test_set(tmp_path, idx_dir):
   """37 test examples on 8 devices: the reported accuracy is over all 37."""
   out = tmp_path / "run"

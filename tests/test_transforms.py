@@ -114,6 +114,7 @@ def test_jvp_and_linearize(name):
     _close(f_lin(*t2), jax.jvp(ref, args, t2)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense", "masked", "synced_vmap"])
 def test_jacfwd_equals_jacrev_equals_reference(name):
   with enable_x64():
@@ -124,6 +125,7 @@ def test_jacfwd_equals_jacrev_equals_reference(name):
       _close(jax.jacrev(f, argnum)(*args), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["masked", "synced_vmap"])  # second order is slow to compile
 def test_hessian_and_grad_of_grad(name):
   with enable_x64():
@@ -200,6 +202,7 @@ def test_linen_forward_mode_matches_flax():
   _close(jax.jacfwd(lambda x: out(ours)(x)[0])(x), jax.jacfwd(lambda x: out(theirs)(x)[0])(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_nnx_forward_mode_matches_flax():
   x = jax.random.normal(jax.random.key(0), (16, 5)) * 2 + 1
   t = jax.random.normal(jax.random.key(1), x.shape)

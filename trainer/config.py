@@ -309,7 +309,7 @@ class Config:
       self.torch_padding = bool(self.init_from)
     if self.freeze_stages is not None:
       _positive_int("freeze_stages", self.freeze_stages, zero=True)
-      stages = pretrained.stage_count(spec.torch_names(spec.build(self, None, 1, "float32")))
+      stages = pretrained.stage_count(spec.torch_names_of(self))
       if self.freeze_stages > stages:
         _fail("freeze_stages", f"{self.model} has {stages} stages, got {self.freeze_stages}")
     if not math.isfinite(self.lr_backbone_scale) or self.lr_backbone_scale < 0:

@@ -100,8 +100,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 
 def _model_parts(config: Config):
   """params -> "frozen", "backbone" or "head" per leaf, by the PyTorch stage of its module."""
-  spec = MODELS[config.model]
-  names = spec.torch_names(spec.build(config, None, 1, jnp.float32))
+  names = MODELS[config.model].torch_names_of(config)
   frozen_through = -1 if config.freeze_stages is None else config.freeze_stages
 
   def part(path, _):
@@ -115,8 +114,7 @@ def _model_parts(config: Config):
 
 def initialize_from_torch(config: Config, state: TrainState, num_classes: int) -> tuple[TrainState, list[str]]:
   """`state` with the weights of --init-from (`trainer.pretrained`), and the notes to show."""
-  spec = MODELS[config.model]
-  names = spec.torch_names(make_model(config, num_classes))
+  names = MODELS[config.model].torch_names_of(config)
   fresh = {"params": state.params, "batch_stats": state.batch_stats}
   loaded, notes = pretrained.from_torch(pretrained.read_state_dict(config.init_from), fresh, names, config.init_from)
   params, batch_stats = (jax.tree.map(jnp.asarray, loaded[c]) for c in ("params", "batch_stats"))

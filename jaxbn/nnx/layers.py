@@ -7,21 +7,16 @@ support and dtypes as flax's module; the math is `jaxbn.batch_norm`.
 
 from __future__ import annotations
 
-import contextvars
 import typing as tp
 from types import MappingProxyType
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jaxbn import checks, functional
+from jaxbn import checks, layer_call
 
 __all__ = ["BatchNorm", "BatchRenorm", "FrozenBatchNorm"]
-
-# While jaxbn.nnx.population_stats runs the model: a list collecting (layer, Moments of its input).
-_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("jaxbn_nnx_recorder", default=None)
 
 # flax's defaults, made once (the constructor's signature is flax's).
 _ZEROS = initializers.zeros_init()
@@ -111,12 +106,17 @@ class BatchNorm(nnx.Module):
     self.skip_nonfinite = skip_nonfinite
     self.batch_groups = batch_groups
 
+  call_kind = layer_call.plain_kind  # what this class adds to BN's call (jaxbn.layer_call)
+
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes `x`; `use_running_average` overrides the attribute."""
     return self._normalize(x, use_running_average, mask)
 
-  def _normalize(self, x, use_running_average, mask, renorm: functional.Renorm | None = None, frozen: bool = False):
-    use_running_average = frozen or (self.use_running_average if use_running_average is None else use_running_average)
+  def _normalize(self, x, use_running_average, mask, r_max=None, d_max=None):
+    kind = self.call_kind(r_max, d_max)
+    use_running_average = kind.frozen or (
+      self.use_running_average if use_running_average is None else use_running_average
+    )
     if use_running_average is None:
       raise ValueError(
         "use_running_average: not given to BatchNorm's constructor nor its call; "
@@ -130,19 +130,19 @@ class BatchNorm(nnx.Module):
     params = {name: value for name, value in (("scale", scale), ("bias", bias)) if value is not None}
     # flax.nnx's output dtype: the (promoted) input and parameters, or `dtype`.
     out_dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
-    if frozen and not getattr(self, "train_affine", True):
-      params = jax.tree.map(jax.lax.stop_gradient, params)
     # Training updates the stored statistics; inference reads them promoted.
     stats = {"mean": self.mean[...], "var": self.var[...]} if not use_running_average else {"mean": mean, "var": var}
-    groups = None
-    if self.batch_groups is not None:
-      fshape = (self.num_features,)
-      groups = self.batch_groups if jnp.shape(stats["mean"]) == fshape else functional.groups_of(stats, fshape)
-    recorder = _RECORDER.get()
-    if recorder is not None and not frozen:  # jaxbn.nnx.population_stats is reading this layer's batches
-      recorder.append((self, functional.moments(x, self.axis, mask=mask, batch_groups=groups)))
-    options = functional.BNOptions.of(self, dtype=out_dtype, batch_groups=groups, renorm=renorm)
-    y, new_stats = functional.normalize(x, params, stats, options, training=not use_running_average, mask=mask)
+    y, new_stats = layer_call.normalize_layer(
+      self,
+      kind,
+      x,
+      params,
+      stats,
+      feature_axes=checks.feature_axes(x.ndim, self.axis),
+      out_dtype=out_dtype,
+      training=not use_running_average,
+      mask=mask,
+    )
     if not use_running_average:
       self.mean[...] = new_stats["mean"]
       self.var[...] = new_stats["var"]
@@ -174,12 +174,9 @@ class BatchRenorm(BatchNorm):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the attributes for this call."""
-    renorm = functional.Renorm(
-      self.r_max if r_max is None else r_max,
-      self.d_max if d_max is None else d_max,
-      stats_axis_name=self.stats_axis_name,
-    )
-    return self._normalize(x, use_running_average, mask, renorm)
+    return self._normalize(x, use_running_average, mask, r_max, d_max)
+
+  call_kind = layer_call.renorm_kind
 
 
 class FrozenBatchNorm(BatchNorm):
@@ -199,4 +196,6 @@ class FrozenBatchNorm(BatchNorm):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes `x` with the stored statistics (`use_running_average`, `mask` have no effect)."""
-    return self._normalize(x, use_running_average, mask, frozen=True)
+    return self._normalize(x, use_running_average, mask)
+
+  call_kind = layer_call.frozen_kind

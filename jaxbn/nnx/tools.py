@@ -9,8 +9,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn import checks
-from jaxbn.nnx.layers import _RECORDER, BatchNorm, BatchRenorm, FrozenBatchNorm
+from jaxbn import checks, layer_call
+from jaxbn.nnx.layers import BatchNorm, BatchRenorm, FrozenBatchNorm
 from jaxbn.statistics import PopulationEstimate
 
 __all__ = ["KINDS", "population_stats", "swap_batch_norm"]
@@ -95,14 +95,10 @@ def population_stats(model, batches: Iterable[Any], *, estimator: str = "paper")
 
   @nnx.jit
   def batch_moments(work, batch):
-    recorded: list = []
-    token = _RECORDER.set(recorded)
-    try:
+    with layer_call.recording() as recorded:
       work(*batch) if isinstance(batch, tuple) else work(batch)
-    finally:
-      _RECORDER.reset(token)
     paths = {id(m): "/".join(map(str, p)) for p, m in nnx.iter_graph(work) if isinstance(m, BatchNorm)}
-    return {paths[id(layer)]: moments for layer, moments in recorded}
+    return {paths[id(r.owner)]: r.moments for r in recorded}
 
   grouped = {
     "/".join(map(str, p)): m.batch_groups is not None for p, m in nnx.iter_graph(work) if isinstance(m, BatchNorm)

@@ -44,6 +44,12 @@ class ModelSpec:
   metrics: Callable[[np.ndarray], dict[str, float]] | None = None
   torch_names: Callable[[nn.Module], dict[tuple[str, ...], str]] | None = None
 
+  def torch_names_of(self, config) -> dict[tuple[str, ...], str]:
+    """`torch_names` of the model `config` builds (the module names depend on the
+    architecture only, not on the BN mode or the class count)."""
+    assert self.torch_names is not None, "a model with a PyTorch twin"
+    return self.torch_names(self.build(config, None, 1, np.float32))
+
 
 PERCENTILES = (15, 50, 85)  # of the tracked input to one sigmoid of the MLP's last hidden layer
 
