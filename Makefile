@@ -12,11 +12,12 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(PYENV_ROOT)/versions/$(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -V | tail -n 1)/bin/python
 PYTEST_ARGS ?=
-# Test processes side by side (pytest-xdist; a file's tests stay in one process, so its
-# fixtures are built once). Most tests wait on XLA's single-threaded compiler: two
-# processes keep both cores of this machine busy. TEST_WORKERS=0: one process.
+# Test processes side by side (pytest-xdist). Most tests wait on XLA's single-threaded
+# compiler: two processes keep both cores of this machine busy. TEST_WORKERS=0: one process.
+# The whole suite keeps a file's tests in one process (its training-run fixtures are built
+# once); the fast subset has only cheap fixtures and balances test by test.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist $(DIST))
 
 .PHONY: env test test-fast test-newest lint docs data train reproduce finetune report bench bench-device compare-device
 
@@ -30,10 +31,12 @@ $(STAMP): pyproject.toml jaxbn/__init__.py
 	touch $@
 
 # pytest exits non-zero (5) when it collects no test, so make fails loudly.
+test: DIST = loadfile
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=12 $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
-# Everything but the tests marked slow (long training runs): a few minutes.
+# Everything but the tests marked slow (tests/conftest.py): under 4 minutes here.
+test-fast: DIST = worksteal
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 

@@ -54,6 +54,7 @@ def registered(monkeypatch):
   monkeypatch.setitem(BN_MODES, "toy-none", BNMode(None, False, "none, renamed"))
 
 
+@pytest.mark.slow
 def test_a_toy_model_and_bn_mode_registered_from_outside_train(tmp_path, registered):
   assert jax.device_count() == 8
   idx = write_dataset(tmp_path / "idx", make_dataset(n_train=64, n_test=16))
