@@ -76,7 +76,7 @@ class BatchNorm(nn.Module):
       use_running_average: overrides the field of the same name.
       mask: boolean, broadcastable to x: the elements that enter the statistics.
     """
-    return normalize_with(self, self, x, use_running_average, mask=mask)
+    return run_on_variables_of(self, self, x, use_running_average, mask=mask)
 
 
 class BatchRenorm(BatchNorm):
@@ -99,7 +99,7 @@ class BatchRenorm(BatchNorm):
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the fields for this call."""
-    return normalize_with(self, self, x, use_running_average, mask=mask, r_max=r_max, d_max=d_max)
+    return run_on_variables_of(self, self, x, use_running_average, mask=mask, r_max=r_max, d_max=d_max)
 
 
 class FrozenBatchNorm(BatchNorm):
@@ -128,10 +128,12 @@ class FrozenBatchNorm(BatchNorm):
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
     """Normalizes `x` with the stored statistics (`mask` is accepted and unused)."""
-    return normalize_with(self, self, x, use_running_average, mask=mask)
+    return run_on_variables_of(self, self, x, use_running_average, mask=mask)
 
 
-def normalize_with(holder: nn.Module, layer: BatchNorm, x, use_running_average, *, mask=None, r_max=None, d_max=None):
+def run_on_variables_of(
+  holder: nn.Module, layer: BatchNorm, x, use_running_average, *, mask=None, r_max=None, d_max=None
+):
   """The call of every jaxbn Linen layer: `layer`'s kind and fields, on `holder`'s
   variables (`holder` is `layer`, or under `jaxbn.swap_batch_norm` the flax or
   jaxbn module being called)."""

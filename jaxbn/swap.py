@@ -19,7 +19,7 @@ import dataclasses
 from flax import linen as nn
 
 from jaxbn import checks
-from jaxbn.linen import BatchNorm, BatchRenorm, FrozenBatchNorm, normalize_with
+from jaxbn.linen import BatchNorm, BatchRenorm, FrozenBatchNorm, run_on_variables_of
 
 __all__ = ["KINDS", "swap_batch_norm"]
 
@@ -70,7 +70,7 @@ def swap_batch_norm(kind: str = "batch_norm", *, skip_frozen: bool = False, **fi
     x, *rest = args
     use_running_average = rest[0] if rest else kwargs.pop("use_running_average", None)
     limits = {k: kwargs.get(k) for k in ("r_max", "d_max")}  # Batch Renorm's; other kinds leave them unread
-    return normalize_with(module, layer, x, use_running_average, mask=kwargs.get("mask"), **limits)
+    return run_on_variables_of(module, layer, x, use_running_average, mask=kwargs.get("mask"), **limits)
 
   with nn.intercept_methods(intercept):
     yield

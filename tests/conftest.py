@@ -1,8 +1,22 @@
-"""Eight CPU devices for every test, set before JAX starts its backend; the meaning of `slow`."""
+"""Eight CPU devices for every test, set before JAX starts its backend; one compilation
+cache for the session; the meaning of `slow`."""
 
+import atexit
+import os
+import shutil
 import subprocess
+import tempfile
 
-import jax
+# One persistent XLA cache for the session's processes (the test processes and every train.py,
+# compare.py or example they start): the many short runs compile the same programs. Made by the
+# first process (pytest-xdist's workers inherit it) and removed at its end; a cache named in the
+# environment is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxbn-tests-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # after the cache settings, which JAX reads once
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -41,6 +41,10 @@ from tests.train_runs import free_port, metrics, run, train_command  # noqa: E40
     (["--population-batches", "-1", "--bn", "sync"], "--population-batches"),
     (["--population-batches", "10", "--bn", "none"], "--population-batches"),  # no statistics
     (["--population-batches", "10", "--bn", "renorm"], "--population-batches"),
+    # another model's own flag is refused, not ignored (ModelSpec.options)
+    (["--model", "resnet20", "--width", "8"], "--width: is an option of --model inception, not of --model resnet20"),
+    (["--model", "resnet50", "--activation", "relu"], "--activation: is an option of --model mlp/inception"),
+    (["--model", "inception", "--init-std", "0.3"], "--init-std: is an option of --model mlp"),
   ],
 )
 def test_bad_flags_are_one_line_usage_errors(flags, flag, capsys):

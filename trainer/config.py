@@ -248,6 +248,7 @@ class Config:
     self._check_fine_tuning()
     self._check_bn()
     self._check_optimization()
+    self._check_model_options()
     if self.checkpoint_every is None:
       self.checkpoint_every = -(-CHECKPOINT_STEPS // self.eval_every) * self.eval_every
     if self.checkpoint_every < 1 or self.checkpoint_every % self.eval_every:
@@ -297,6 +298,12 @@ class Config:
       _fail("label_smoothing", f"expected a value in [0, 1), got {self.label_smoothing}")
     if not 0 <= self.dropout < 1:
       _fail("dropout", f"expected a rate in [0, 1), got {self.dropout}")
+
+  def _check_model_options(self):
+    """Another model's own flag (`ModelSpec.options`) given to this one is refused, not ignored."""
+    for name, owners in _model_options().items():
+      if self.model not in owners and getattr(self, name) != self.__dataclass_fields__[name].default:
+        _fail(name, f"is an option of --model {'/'.join(owners)}, not of --model {self.model}")
 
   def _check_fine_tuning(self):
     spec = MODELS[self.model]
@@ -361,6 +368,15 @@ class Config:
 
 def _fail(name: str, message: str):
   raise ConfigError(f"{cli.flag(name)}: {message}")
+
+
+def _model_options() -> dict[str, list[str]]:
+  """Each model option -> the models that read it (from the live registry)."""
+  owners: dict[str, list[str]] = {}
+  for model, spec in MODELS.items():
+    for name in spec.options:
+      owners.setdefault(name, []).append(model)
+  return owners
 
 
 def _positive_int(name: str, value, zero: bool = False):

@@ -110,9 +110,9 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes `x`; `use_running_average` overrides the attribute."""
-    return self._normalize(x, use_running_average, mask)
+    return self._call(x, use_running_average, mask)
 
-  def _normalize(self, x, use_running_average, mask, r_max=None, d_max=None):
+  def _call(self, x, use_running_average, mask, r_max=None, d_max=None):
     kind = self.call_kind(r_max, d_max)
     use_running_average = kind.frozen or (
       self.use_running_average if use_running_average is None else use_running_average
@@ -174,7 +174,7 @@ class BatchRenorm(BatchNorm):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
     """Normalizes `x`; `r_max`/`d_max` override the attributes for this call."""
-    return self._normalize(x, use_running_average, mask, r_max, d_max)
+    return self._call(x, use_running_average, mask, r_max, d_max)
 
   call_kind = layer_call.renorm_kind
 
@@ -196,6 +196,6 @@ class FrozenBatchNorm(BatchNorm):
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     """Normalizes `x` with the stored statistics (`use_running_average`, `mask` have no effect)."""
-    return self._normalize(x, use_running_average, mask)
+    return self._call(x, use_running_average, mask)
 
   call_kind = layer_call.frozen_kind

@@ -35,7 +35,9 @@ class ModelSpec:
   metrics: tracked values of the test examples (the model's `extras`) -> extra metrics;
   torch_names: the built model -> {flax module path: PyTorch module name} for a model
   with a torchvision/timm twin (--init-from, --freeze-stages, --lr-backbone-scale:
-  PyTorch's `layerN` names its stages, `fc` its head); None: no such twin."""
+  PyTorch's `layerN` names its stages, `fc` its head); None: no such twin;
+  options: the model's own flags (Config fields) that `build` reads; another model's
+  option given to this one is refused in one line."""
 
   build: Callable[[Any, Any, int, Any], nn.Module]
   recipe: dict[str, Any]
@@ -43,6 +45,7 @@ class ModelSpec:
   augment: str | None = None
   metrics: Callable[[np.ndarray], dict[str, float]] | None = None
   torch_names: Callable[[nn.Module], dict[tuple[str, ...], str]] | None = None
+  options: tuple[str, ...] = ()
 
   def torch_names_of(self, config) -> dict[tuple[str, ...], str]:
     """`torch_names` of the model `config` builds (the module names depend on the
@@ -114,6 +117,9 @@ def _inception(c, norm, num_classes, dtype):
   )
 
 
+RESNET_OPTIONS = ("zero_init_residual",)  # --torch-padding: the ImageNet ResNets', checked with --init-from
+
+
 def _resnet(cls):
   def build(c, norm, num_classes, dtype):
     return cls(norm=norm, num_classes=num_classes, dtype=dtype, zero_init_residual=c.zero_init_residual)
@@ -141,27 +147,39 @@ MODELS: dict[str, ModelSpec] = {
     "the paper's MLP 784-100-100-100-10 (sigmoid; §4.1)",
     augment="none",
     metrics=sigmoid_input_percentiles,
+    options=("init_std", "activation"),
   ),
   "inception": ModelSpec(
     _inception,
     dict(batch_size=32, steps=10_000, optimizer="momentum", lr=0.01, eval_every=500, bn_momentum=0.99),
     "a small Inception-style convnet (paper §4.2, scaled down)",
     augment="none",
+    options=("width", "dropout", "activation"),
   ),
-  "resnet20": ModelSpec(_resnet(ResNet20), CIFAR_RESNET, "CIFAR ResNet-20 (He et al. 2016 §4.2; 0.27M parameters)"),
-  "resnet32": ModelSpec(_resnet(ResNet32), CIFAR_RESNET, "CIFAR ResNet-32 (0.46M parameters)"),
-  "resnet56": ModelSpec(_resnet(ResNet56), CIFAR_RESNET, "CIFAR ResNet-56 (0.85M parameters)"),
+  "resnet20": ModelSpec(
+    _resnet(ResNet20), CIFAR_RESNET, "CIFAR ResNet-20 (He et al. 2016 §4.2; 0.27M parameters)", options=RESNET_OPTIONS
+  ),
+  "resnet32": ModelSpec(_resnet(ResNet32), CIFAR_RESNET, "CIFAR ResNet-32 (0.46M parameters)", options=RESNET_OPTIONS),
+  "resnet56": ModelSpec(_resnet(ResNet56), CIFAR_RESNET, "CIFAR ResNet-56 (0.85M parameters)", options=RESNET_OPTIONS),
   "resnet18": ModelSpec(
     _imagenet_resnet(ResNet18),
     IMAGENET_RESNET,
     "ResNet-18 v1.5 (ImageNet; flax's examples/imagenet; torchvision/timm weights load)",
     torch_names=torch_module_names,
+    options=RESNET_OPTIONS,
   ),
-  "resnet34": ModelSpec(_imagenet_resnet(ResNet34), IMAGENET_RESNET, "ResNet-34 v1.5", torch_names=torch_module_names),
+  "resnet34": ModelSpec(
+    _imagenet_resnet(ResNet34),
+    IMAGENET_RESNET,
+    "ResNet-34 v1.5",
+    torch_names=torch_module_names,
+    options=RESNET_OPTIONS,
+  ),
   "resnet50": ModelSpec(
     _imagenet_resnet(ResNet50),
     IMAGENET_RESNET,
     "ResNet-50 v1.5 (flax's examples/imagenet variables)",
     torch_names=torch_module_names,
+    options=RESNET_OPTIONS,
   ),
 }
