@@ -53,7 +53,7 @@ def main(argv=None):
     "device": (DeviceFeed(parallel, *data_lib.read_split(data.train), batches, rows), True),
     "stream": (StreamFeed(parallel, data.train, batches, rows, 0, total, workers), False),
   }
-  programs = {name: parallel.train_step(state, resident=resident, **kwargs) for name, (_, resident) in feeds.items()}
+  programs = {name: parallel.step_program(state, resident=resident, **kwargs) for name, (_, resident) in feeds.items()}
   position = dict.fromkeys(feeds, 0)
 
   def run(name, state, count):

@@ -96,7 +96,7 @@ def main(argv=None):
       parallel = trainer.make_parallel(style, devices, stat_rows=len(devices) if mode == "per-device" else None)
       state = parallel.put_state(trainer.create_train_state(config, (28, 28)))
       batches = Batches(0, len(labels), 8 * len(devices), "none", 28, 1, hflip=False)
-      program = parallel.train_step(
+      program = parallel.step_program(
         state,
         resident=True,
         model=trainer.make_model(config, num_devices=len(devices)),

@@ -58,7 +58,7 @@ def _harness(config, images, labels):
   parallel = trainer.make_parallel(config.parallel, jax.devices(), stat_rows=DEVICES if per_device_bn else None)
   batches = Batches(0, 1000, DEVICES * PER_DEVICE, "none", 28, 1, hflip=False)
   state = parallel.put_state(trainer.create_train_state(config, (28, 28, 1)))
-  program = parallel.train_step(
+  program = parallel.step_program(
     state,
     resident=False,
     model=trainer.make_model(config, num_devices=DEVICES),

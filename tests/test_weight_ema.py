@@ -49,7 +49,7 @@ def test_averaged_weights_and_statistics_are_the_moving_average_of_the_run(bn, s
   parallel = trainer.make_parallel(style, jax.devices(), stat_rows=DEVICES if rows else None)
   initial = trainer.create_train_state(config, (28, 28, 1))
   state = parallel.put_state(initial)
-  program = parallel.train_step(
+  program = parallel.step_program(
     state,
     resident=False,
     model=trainer.make_model(config, num_devices=DEVICES),

@@ -102,7 +102,7 @@ class Run:
 
   def program_at(self, state, step: int, resident: bool):
     """The training program of `step`: BN's, or FrozenBN's in the final phase."""
-    return self.parallel.train_step(state, resident=resident, frozen_bn=self.frozen(step), **self.step_kwargs)
+    return self.parallel.step_program(state, resident=resident, frozen_bn=self.frozen(step), **self.step_kwargs)
 
 
 def set_up(config: Config, devices) -> tuple[Run, TrainState]:

@@ -194,7 +194,7 @@ class Parallel:
   def _spanned(self, fn, in_specs, out_specs):
     return fn
 
-  def train_step(self, state, resident: bool, **kwargs):
+  def step_program(self, state, resident: bool, **kwargs):
     """The program of one step: (state, images, labels[, index]) -> (state, loss).
 
     `resident`: images/labels are the whole training split, replicated
