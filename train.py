@@ -19,10 +19,11 @@ import sys
 from trainer import cli
 from trainer.bn_modes import BN_MODES
 from trainer.config import DEFAULTS, Config, ConfigError
-from trainer.models import MODELS
+from trainer.models import MODELS, ModelOptions
 
 # Config fields that are not flags of their own (see the options below).
 NOT_FLAGS = ("resume", "progress")
+MODEL_OPTIONS = {f.name for f in dataclasses.fields(ModelOptions)}
 
 
 def _as_flag(name: str, value) -> str:
@@ -49,8 +50,9 @@ def _default(field: dataclasses.Field) -> str:
 
 
 def add_config_flags(parser, skip=()) -> None:
-  """A flag per Config field (but NOT_FLAGS and `skip`), with its help, default and choices."""
-  for field in dataclasses.fields(Config):
+  """A flag per Config field (but NOT_FLAGS and `skip`), with its help, default and choices;
+  the flags of particular models (`ModelOptions`) last."""
+  for field in sorted(dataclasses.fields(Config), key=lambda f: f.name in MODEL_OPTIONS):
     if field.name in NOT_FLAGS or field.name in skip:
       continue
     flag = cli.flag(field.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -15,6 +16,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def error(self, message: str):
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def option(help: str, default=None, choices=None):
+  """A Config field that is a flag: its help, default and choices (`train.py --help` shows them)."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 def flag(name: str) -> str:

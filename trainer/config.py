@@ -16,7 +16,7 @@ from typing import Any
 from trainer import cli, pretrained
 from trainer.bn_modes import BN_MODES
 from trainer.errors import ConfigError
-from trainer.models import ACTIVATIONS, MODELS
+from trainer.models import MODELS, ModelOptions
 from trainer.parallel import STYLES
 
 PARALLEL_STYLES = tuple(STYLES)
@@ -55,128 +55,118 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _flag(help: str, default=None, choices=None):
-  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclasses.dataclass
-class Config:
+class Config(ModelOptions):
   """Everything a run depends on; written to OUT/config.json."""
 
   # ---- data
-  dataset: str = _flag(
+  dataset: str = cli.option(
     "a TFDS image-classification dataset by name (mnist and fashion_mnist read IDX files)", "fashion_mnist"
   )
-  image_folder: str | None = _flag(
+  image_folder: str | None = cli.option(
     "train on your own images: DIR/train/CLASS/* and DIR/test/CLASS/* (instead of --dataset)"
   )
-  idx_dir: str | None = _flag(
+  idx_dir: str | None = cli.option(
     "mnist/fashion_mnist: the four IDX files (train-images-idx3-ubyte[.gz], ...); "
     "prepared data from other files is rebuilt"
   )
-  data_dir: str | None = _flag("TFDS data dir: prepared datasets are read and written here", "data")
-  input: str = _flag(
+  data_dir: str | None = cli.option("TFDS data dir: prepared datasets are read and written here", "data")
+  input: str = cli.option(
     "where the training data lives: on every device (small datasets of one image shape), streamed "
     "per host through grain, or auto (device when it fits)",
     "auto",
     INPUTS,
   )
-  input_workers: int | None = _flag(
+  input_workers: int | None = cli.option(
     "stream: grain worker processes for decoding and augmentation (0: in this process; default: cores - 1, at most 8)"
   )
-  image_size: int | None = _flag(
+  image_size: int | None = cli.option(
     "the side of the square images the model sees (default: the model's recipe, 224 for the ImageNet ResNets, "
     "else the images' own size)"
   )
-  augment: str | None = _flag(
+  augment: str | None = cli.option(
     "training augmentation (default: none for mlp/inception; crop-flip for images up to 64 px, "
     "random-resized-crop above)",
     None,
     AUGMENTATIONS,
   )
-  normalize: str | None = _flag(
+  normalize: str | None = cli.option(
     "pixels to x/255 (unit), by the training split's per-channel mean and std (standardize), or by ImageNet's "
     "(imagenet: what torchvision's and timm's pretrained models expect)",
     None,
     NORMALIZATIONS,
   )
   # ---- model and BN
-  model: str = _flag("the model", "mlp", MODELS)
-  bn: str | None = _flag("the BN mode (none: the paper's baseline without BN)", None, BN_MODES)
-  bn_momentum: float | None = _flag("running-average decay of BN statistics (flax meaning)")
-  bn_group_size: int | None = _flag(
+  model: str = cli.option("the model", "mlp", MODELS)
+  bn: str | None = cli.option("the BN mode (none: the paper's baseline without BN)", None, BN_MODES)
+  bn_momentum: float | None = cli.option("running-average decay of BN statistics (flax meaning)")
+  bn_group_size: int | None = cli.option(
     "per-device/renorm: examples per normalization group (ghost BN; default: each device's batch); "
     "a divisor of the per-device batch"
   )
-  frozen_bn_steps: int = _flag(
+  frozen_bn_steps: int = cli.option(
     "train the last N steps with BN frozen (jaxbn.FrozenBatchNorm: the running statistics, pooled over the "
     "devices, fixed; scale and bias still trained); 0: off",
     0,
   )
-  accumulate_steps: int = _flag(
+  accumulate_steps: int = cli.option(
     "gradient accumulation: each step runs the global batch as N micro-batches, one after the other (the "
     "activations of one held at a time); BN normalizes each micro-batch as --bn says, and the running "
     "statistics take one update per step from the micro-batches' pooled moments. N divides the per-device batch",
     1,
   )
-  init_from: str | None = _flag(
+  init_from: str | None = cli.option(
     "start from PyTorch weights: a torchvision or timm ResNet state dict (.safetensors; a .pth/.pt file needs "
     "torch) for --model resnet18/34/50; a classifier for another class count is replaced by a fresh one"
   )
-  torch_padding: bool | None = _flag(
+  torch_padding: bool | None = cli.option(
     "ImageNet ResNets: pad as torchvision and timm do (each convolution by kernel // 2, the stem's max pooling by "
     "1) instead of flax's SAME; default: on with --init-from, else off"
   )
-  freeze_stages: int | None = _flag(
+  freeze_stages: int | None = cli.option(
     "fine-tuning, resnet18/34/50: no gradient to the stem and the first N stages (0: the stem only; detectron2's "
     "FREEZE_AT is N + 1); default: nothing frozen"
   )
-  lr_backbone_scale: float = _flag(
+  lr_backbone_scale: float = cli.option(
     "fine-tuning, resnet18/34/50: everything but the classifier learns at the learning rate x S", 1.0
   )
-  freeze_bn_affine: bool = _flag("--bn frozen: BN's scale and bias are fixed too (no gradient)", False)
-  dtype: str = _flag(
+  freeze_bn_affine: bool = cli.option("--bn frozen: BN's scale and bias are fixed too (no gradient)", False)
+  dtype: str = cli.option(
     "computation dtype (parameters, optimizer state and BN statistics stay float32)", "float32", DTYPES
   )
-  zero_init_residual: bool = _flag(
-    "ResNets: start the last BN of each residual block with scale 0 (Goyal et al. 2017)", True
-  )
-  activation: str | None = _flag(
-    "mlp/inception: hidden activation (default: sigmoid for mlp, relu for inception)", None, (None, *ACTIVATIONS)
-  )
-  dropout: float = _flag("inception: dropout rate before the classifier", 0.0)
-  init_std: float = _flag("mlp: weights ~ N(0, init_std^2)", 0.1)
-  width: int = _flag("inception: channel multiplier", 4)
+  # the flags of particular models: ModelOptions (trainer.models), inherited
   # ---- devices
-  parallel: str = _flag(
+  parallel: str = cli.option(
     "how the step spans the devices: jax.jit over sharded arrays, jax.jit(jax.shard_map(...)) or jax.pmap",
     "jit",
     STYLES,
   )
-  devices: int | None = _flag("devices to use (on CPU: host devices to create; default: every device)")
-  batch_size: int | None = _flag("examples per device per step (global batch = this x devices)")
-  global_batch_size: int | None = _flag("examples per step over all devices (instead of --batch-size)")
+  devices: int | None = cli.option("devices to use (on CPU: host devices to create; default: every device)")
+  batch_size: int | None = cli.option("examples per device per step (global batch = this x devices)")
+  global_batch_size: int | None = cli.option("examples per step over all devices (instead of --batch-size)")
   # ---- optimization
-  steps: int | None = _flag("training steps (raise it with --resume to train longer)")
-  optimizer: str | None = _flag("optax optimizer (momentum: 0.9)", None, OPTIMIZERS)
-  nesterov: bool | None = _flag("Nesterov momentum (with --optimizer momentum)")
-  lr: float | None = _flag("peak learning rate")
-  schedule: str | None = _flag(
+  steps: int | None = cli.option("training steps (raise it with --resume to train longer)")
+  optimizer: str | None = cli.option("optax optimizer (momentum: 0.9)", None, OPTIMIZERS)
+  nesterov: bool | None = cli.option("Nesterov momentum (with --optimizer momentum)")
+  lr: float | None = cli.option("peak learning rate")
+  schedule: str | None = cli.option(
     "learning rate over the run: constant, step (/10 at 50%% and 75%% of --steps) or cosine (to 0 at --steps)",
     None,
     SCHEDULES,
   )
-  warmup_steps: int | None = _flag("linear warm-up from 0 over the first N steps")
-  lr_decay_steps: int = _flag("--schedule constant: multiply the rate by --lr-decay-rate every N steps (0: off)", 0)
-  lr_decay_rate: float = _flag("staircase decay factor", 1.0)
-  weight_decay: float | None = _flag("weight decay (L2) on kernels; never on BN's scale and bias or on biases")
-  label_smoothing: float | None = _flag("label smoothing of the cross-entropy")
-  weight_ema: float = _flag(
+  warmup_steps: int | None = cli.option("linear warm-up from 0 over the first N steps")
+  lr_decay_steps: int = cli.option(
+    "--schedule constant: multiply the rate by --lr-decay-rate every N steps (0: off)", 0
+  )
+  lr_decay_rate: float = cli.option("staircase decay factor", 1.0)
+  weight_decay: float | None = cli.option("weight decay (L2) on kernels; never on BN's scale and bias or on biases")
+  label_smoothing: float | None = cli.option("label smoothing of the cross-entropy")
+  weight_ema: float = cli.option(
     "keep an exponential moving average of the weights with this decay (Polyak averaging, timm's model EMA; "
     "e.g. 0.999), updated every optimizer step; each evaluation also scores the averaged weights; 0: off",
     0.0,
   )
-  weight_ema_bn: str = _flag(
+  weight_ema_bn: str = cli.option(
     "--weight-ema: the BN statistics the averaged weights are scored with: the running statistics averaged "
     "alongside them (ema, timm's way), PreciseBN of the averaged weights over --population-batches training "
     "batches (recompute), or both",
@@ -184,28 +174,28 @@ class Config:
     WEIGHT_EMA_BN,
   )
   # ---- evaluation, checkpoints
-  eval_every: int | None = _flag("evaluate on the whole test split every N steps")
-  population_batches: int = _flag(
+  eval_every: int | None = cli.option("evaluate on the whole test split every N steps")
+  population_batches: int = cli.option(
     "also evaluate with population statistics (paper Algorithm 2) over N training batches of the size BN "
     "normalizes over in training (one device's for per-device BN); 0: off",
     0,
   )
-  population_estimator: str = _flag(
+  population_estimator: str = cli.option(
     "--population-batches: the paper's Algorithm 2 (mean of per-batch unbiased variances), fvcore's pooled "
     "estimator (mean and biased variance of every element), or both",
     "paper",
     POPULATION_ESTIMATORS,
   )
-  eval_batch_stats: bool = _flag(
+  eval_batch_stats: bool = cli.option(
     "also evaluate with each test batch's own statistics, at the normalization batch of training "
     "(the train-test inconsistency of Wu & Johnson 2021)",
     False,
   )
-  checkpoint_every: int | None = _flag(
+  checkpoint_every: int | None = cli.option(
     "checkpoint every N steps, a multiple of --eval-every (default: 10,000 rounded up to one), and at the end"
   )
-  seed: int = _flag("random seed (initialization, data order, augmentation, dropout)", 0)
-  out: str = _flag("run directory", "runs/default")
+  seed: int = cli.option("random seed (initialization, data order, augmentation, dropout)", 0)
+  out: str = cli.option("run directory", "runs/default")
   resume: bool = False
   progress: bool | None = None  # None: only on a terminal
 

@@ -19,13 +19,30 @@ from typing import Any
 import numpy as np
 from flax import linen as nn
 
+from trainer import cli
 from trainer.models.inception import InceptionNet
 from trainer.models.mlp import MLP
 from trainer.models.resnet import ResNet18, ResNet20, ResNet32, ResNet34, ResNet50, ResNet56, torch_module_names
 
-__all__ = ["ACTIVATIONS", "MLP", "MODELS", "InceptionNet", "ModelSpec"]
+__all__ = ["ACTIVATIONS", "MLP", "MODELS", "InceptionNet", "ModelOptions", "ModelSpec"]
 
 ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
+
+
+@dataclasses.dataclass
+class ModelOptions:
+  """The flags of particular models: `trainer.Config` inherits them (train.py lists them last).
+  Each model names the ones its `build` reads in `ModelSpec.options`; another model refuses them."""
+
+  zero_init_residual: bool = cli.option(
+    "ResNets: start the last BN of each residual block with scale 0 (Goyal et al. 2017)", True
+  )
+  activation: str | None = cli.option(
+    "mlp/inception: hidden activation (default: sigmoid for mlp, relu for inception)", None, (None, *ACTIVATIONS)
+  )
+  dropout: float = cli.option("inception: dropout rate before the classifier", 0.0)
+  init_std: float = cli.option("mlp: weights ~ N(0, init_std^2)", 0.1)
+  width: int = cli.option("inception: channel multiplier", 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +53,8 @@ class ModelSpec:
   torch_names: the built model -> {flax module path: PyTorch module name} for a model
   with a torchvision/timm twin (--init-from, --freeze-stages, --lr-backbone-scale:
   PyTorch's `layerN` names its stages, `fc` its head); None: no such twin;
-  options: the model's own flags (Config fields) that `build` reads; another model's
-  option given to this one is refused in one line."""
+  options: the model's own flags (fields of `ModelOptions`) that `build` reads; another
+  model's option given to this one is refused in one line."""
 
   build: Callable[[Any, Any, int, Any], nn.Module]
   recipe: dict[str, Any]
