@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from jaxbn import functional
 
@@ -108,7 +109,7 @@ def normalize_layer(
   if layer.batch_groups is not None:
     # One row per group; statistics of the feature shape (a checkpoint of plain
     # BN, or the pooled set) serve every group.
-    groups = layer.batch_groups if jax.numpy.shape(stats["mean"]) == fshape else functional.groups_of(stats, fshape)
+    groups = layer.batch_groups if jnp.shape(stats["mean"]) == fshape else functional.groups_of(stats, fshape)
   renorm = kind.renorm
   if initializing:
     stats = functional.pool_stats(stats) if groups is not None else stats

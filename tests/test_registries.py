@@ -7,6 +7,7 @@ model's extra metrics (its registry entry's `metrics`) reach metrics.jsonl.
 
 import dataclasses
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import trainer
 from tests.idx_files import make_dataset, write_dataset
 from trainer.bn_modes import BN_MODES, BNMode
 from trainer.loop import train_and_evaluate
-from trainer.models import MODELS, ModelSpec
+from trainer.models import MODELS, ModelOptions, ModelSpec
 
 
 class TinyConvNet(nn.Module):
@@ -72,3 +73,31 @@ def test_a_toy_model_and_bn_mode_registered_from_outside_train(tmp_path, registe
   assert strip(results["toy-sync"]) == strip(results["sync"])  # the same mode under another name
   assert strip(results["toy-none"]) != strip(results["sync"])
   assert all("tracked_mean" in r for r in results["sync"])
+
+
+# A value other than each model option's default, to see whether a model's build reads it.
+OTHER_VALUES = {
+  "zero_init_residual": [False],
+  "activation": ["sigmoid", "relu"],
+  "dropout": [0.5],
+  "init_std": [0.3],
+  "width": [2],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_model_declares_exactly_the_options_its_build_reads(name):
+  """ModelSpec.options against the oracle of the built module: changing a declared option changes
+  the module `build` returns, changing any other model option does not (so refusing it loses nothing)."""
+  fields = {f.name for f in dataclasses.fields(ModelOptions)}
+  assert set(OTHER_VALUES) == fields, "a value for every model option"
+  spec = MODELS[name]
+  assert set(spec.options) <= fields
+  base = dataclasses.asdict(trainer.Config(model=name))
+
+  def built(**change):
+    return repr(spec.build(types.SimpleNamespace(**{**base, **change}), None, 10, jnp.float32))
+
+  for option in sorted(fields):
+    changed = any(built(**{option: value}) != built() for value in OTHER_VALUES[option])
+    assert changed == (option in spec.options), option
