@@ -9,6 +9,7 @@ collective or end in JAX's abort.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -69,6 +70,9 @@ def setup_devices(
     global _watch
     _watch = PeerWatch(peer_timeout, log)
     _watch.start()
+    # atexit runs last-registered first: the watch stops before JAX's own shutdown tears the client
+    # down under it (a daemon thread inside a client call at exit aborts the process)
+    atexit.register(_watch.stop)
   devices = jax.local_devices()
   if config.devices:
     if len(devices) < config.devices:
@@ -164,6 +168,12 @@ class PeerWatch(threading.Thread):
     self.timeout, self.log = timeout, log
     self.seen: dict[str, tuple[str, float]] = {}  # process -> (its count, when it last moved)
     self.store_ok = time.time()
+    self._stopped = threading.Event()
+
+  def stop(self) -> None:
+    """Ends the watch (within a second) and waits for it."""
+    self._stopped.set()
+    self.join(timeout=5.0)
 
   def silent(self, seconds: float) -> list[str]:
     """The processes silent for more than `seconds` (process 0 when the store is)."""
@@ -176,7 +186,7 @@ class PeerWatch(threading.Thread):
     from jax._src import distributed
 
     client, me = distributed.global_state.client, jax.process_index()
-    while True:
+    while not self._stopped.is_set():
       now = time.time()
       try:
         client.key_value_increment(f"{self.PREFIX}{me}", 1)
@@ -197,4 +207,4 @@ class PeerWatch(threading.Thread):
             f"error: process {me}: process {process} stopped answering {now - moved:.0f} s ago "
             f"(killed or crashed?; --peer-timeout {self.timeout}); exiting. JAX's messages: {self.log}."
           )
-      time.sleep(1.0)
+      self._stopped.wait(1.0)
