@@ -123,7 +123,7 @@ def idx_dir(tmp_path_factory):
 
 def _compare(idx_dir, out, *extra, data_dir):
   args = ["--dataset", "mnist", "--idx-dir", str(idx_dir), "--data-dir", str(data_dir), "--init-std", "0.3"]
-  args += ["--devices", "2", "--global-batch-size", "8", "--steps", "10", "--eval-every", "5", "--out", str(out)]
+  args += ["--devices", "2", "--global-batch-size", "8", "--steps", "30", "--eval-every", "10", "--out", str(out)]
   return [sys.executable, str(ROOT / "compare.py"), *args, *extra]
 
 
@@ -138,7 +138,7 @@ def test_a_sweep_end_to_end(tmp_path, idx_dir):
   assert "normalization batch sync: synced BN: the global batch of 8 over 2 device(s)" in first.stdout
   assert "done   bn-sync-seed0 in" in first.stdout
   summary = json.loads((out / "summary.json").read_text())
-  assert summary["flags"]["normalization_batch"] == [2, "sync"] and summary["flags"]["steps"] == 10
+  assert summary["flags"]["normalization_batch"] == [2, "sync"] and summary["flags"]["steps"] == 30
   assert [(r["normalization_batch"], r["seed"]) for r in summary["results"]] == [(2, 0), ("sync", 0)]
   for r in summary["results"]:
     ema = metrics(out / "runs" / f"bn-{'sync' if r['normalization_batch'] == 'sync' else 'n2'}-seed0")[-1]
@@ -148,7 +148,7 @@ def test_a_sweep_end_to_end(tmp_path, idx_dir):
 
   # synced seed 0 is exactly train.py run alone with the same flags
   alone = tmp_path / "alone"
-  flags = ("--devices", "2", "--global-batch-size", "8", "--steps", "10", "--eval-every", "5", "--bn", "sync")
+  flags = ("--devices", "2", "--global-batch-size", "8", "--steps", "30", "--eval-every", "10", "--bn", "sync")
   single = run(train_command(idx_dir, alone, *flags, data_dir=data))
   assert single.returncode == 0, single.stderr[-3000:]
   assert metrics(alone)[-1]["test_accuracy"] == summary["results"][-1]["test_accuracy"]["ema"]
@@ -171,13 +171,17 @@ def test_a_sweep_end_to_end(tmp_path, idx_dir):
   proc = subprocess.Popen(
     _compare(idx_dir, out, *more, data_dir=data), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
-  for line in proc.stdout:
-    if line.startswith("start  bn-sync-seed1"):
-      time.sleep(4)  # inside its run
-      proc.send_signal(signal.SIGTERM)
-      break
+  stopped = out / "runs" / "bn-sync-seed1"
+  deadline = time.time() + 240
+  # its first evaluation (step 10) written: 20 steps (about a second here) are left to stop it in; a fixed sleep
+  # from its start was not enough where compiled programs come from the cache
+  while not (stopped / "metrics.jsonl").exists() or "\n" not in (stopped / "metrics.jsonl").read_text():
+    assert time.time() < deadline and proc.poll() is None, "the sweep did not reach bn-sync-seed1's step 10"
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0 and err.strip().splitlines()[-1].startswith("stopped: the runs in progress saved"), err
+  assert metrics(stopped)[-1]["step"] < 30, "the run finished before it could be stopped"
   resumed = run(_compare(idx_dir, out, *more, data_dir=data))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "3 of this process's 4 runs finished already; training 1" in resumed.stdout, resumed.stdout
